@@ -1,0 +1,226 @@
+"""PyTorch-exact primitives in Flax linen, channels-last.
+
+Every layer here takes and returns ``(B, L, C)`` arrays. Parameter layouts are Flax's (``Dense.kernel``
+is ``(in, out)``, conv kernels are ``(k, in/groups, out)``); the conversion from PyTorch layouts lives in
+:mod:`almtok_jax.mapping`. Weight-normed layers keep ``weight_g``/``weight_v`` as parameters and recompute
+the weight in the forward pass (no epsilon, like ``torch.nn.utils.weight_norm``), so trained weights stay
+in the reference's parameterisation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Padding = int | str | tuple[int, int]
+
+default_kernel_init = nn.initializers.lecun_normal()
+
+
+def weight_norm(v: Array, g: Array, keep_axis: int) -> Array:
+    """``g * v / ||v||`` with the norm taken over every axis of ``v`` except ``keep_axis``.
+
+    ``g`` has shape ``(v.shape[keep_axis],)``. No epsilon, as in PyTorch.
+    """
+    keep_axis = keep_axis % v.ndim
+    axes = tuple(a for a in range(v.ndim) if a != keep_axis)
+    norm = jnp.sqrt(jnp.sum(jnp.square(v), axis=axes, keepdims=True))
+    shape = [1] * v.ndim
+    shape[keep_axis] = v.shape[keep_axis]
+    return v * (g.reshape(shape) / norm)
+
+
+def conv_padding(kernel_size: int, dilation: int, padding: Padding) -> tuple[int, int]:
+    """Left/right zero padding of a PyTorch-style conv.
+
+    ``padding`` is an int (symmetric, PyTorch's ``padding=p``), a pair, ``"causal"`` (``d*(k-1)`` on the
+    left), ``"same_torch"`` (``(k*d - d)//2`` both sides, the SQ codec's non-causal rule) or ``"valid"``.
+    """
+    span = dilation * (kernel_size - 1)
+    if isinstance(padding, str):
+        if padding == "causal":
+            return span, 0
+        if padding == "same_torch":
+            return span // 2, span // 2
+        if padding == "valid":
+            return 0, 0
+        raise ValueError(f"unknown padding mode {padding!r}")
+    if isinstance(padding, int):
+        return padding, padding
+    return tuple(padding)
+
+
+def _norm_except(v: Array, keep_axis: int) -> Array:
+    """L2 norm of ``v`` over every axis except ``keep_axis``: shape ``(v.shape[keep_axis],)``."""
+    return jnp.sqrt(jnp.sum(jnp.square(jnp.moveaxis(v, keep_axis, 0)).reshape(v.shape[keep_axis], -1), -1))
+
+
+def _kernel_param(module: nn.Module, shape: tuple[int, ...], keep_axis: int, use_weight_norm: bool,
+                  init: Callable) -> Array:
+    """The effective kernel: a plain ``kernel`` parameter, or ``weight_g``/``weight_v`` recombined."""
+    if not use_weight_norm:
+        return module.param("kernel", init, shape)
+    v = module.param("weight_v", init, shape)
+    g = module.param("weight_g", lambda _: _norm_except(v, keep_axis))
+    return weight_norm(v, g, keep_axis)
+
+
+class Conv1d(nn.Module):
+    """``torch.nn.Conv1d`` on channels-last input ``(B, L, C_in) -> (B, L_out, features)``.
+
+    Kernel ``(k, C_in/groups, features)``; with ``weight_norm`` the norm is per output channel (torch
+    ``dim=0``), or per kernel tap when ``weight_norm_axis=0`` (WavLM's positional conv, torch ``dim=2``).
+    """
+
+    features: int
+    kernel_size: int
+    stride: int = 1
+    dilation: int = 1
+    groups: int = 1
+    padding: Padding = 0
+    use_bias: bool = True
+    use_weight_norm: bool = False
+    weight_norm_axis: int = -1
+    kernel_init: Callable = default_kernel_init
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        in_features = x.shape[-1]
+        if in_features % self.groups:
+            raise ValueError(f"{in_features} input channels not divisible by groups={self.groups}")
+        shape = (self.kernel_size, in_features // self.groups, self.features)
+        kernel = _kernel_param(self, shape, self.weight_norm_axis, self.use_weight_norm, self.kernel_init)
+        left, right = conv_padding(self.kernel_size, self.dilation, self.padding)
+        y = jax.lax.conv_general_dilated(
+            x, kernel.astype(x.dtype), window_strides=(self.stride,), padding=[(left, right)],
+            rhs_dilation=(self.dilation,), dimension_numbers=("NWC", "WIO", "NWC"),
+            feature_group_count=self.groups)
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(y.dtype)
+        return y
+
+
+class ConvTranspose1d(nn.Module):
+    """``torch.nn.ConvTranspose1d`` on channels-last input ``(B, L, C_in) -> (B, L_out, features)``.
+
+    ``L_out = (L - 1)*stride - 2*padding + dilation*(k - 1) + output_padding + 1``, then ``trim_right``
+    samples are dropped (the SQ codec's causal mode drops ``stride``). Kernel layout ``(k, C_in, features)``
+    = torch's ``(in, out, k)`` transposed, not flipped; weight norm is per *input* channel (torch ``dim=0``).
+    """
+
+    features: int
+    kernel_size: int
+    stride: int = 1
+    dilation: int = 1
+    padding: int = 0
+    output_padding: int = 0
+    trim_right: int = 0
+    use_bias: bool = True
+    use_weight_norm: bool = False
+    kernel_init: Callable = default_kernel_init
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        shape = (self.kernel_size, x.shape[-1], self.features)
+        kernel = _kernel_param(self, shape, 1, self.use_weight_norm, self.kernel_init)
+        span = self.dilation * (self.kernel_size - 1)
+        # A transposed conv is a conv over the stride-dilated input with the flipped kernel.
+        y = jax.lax.conv_general_dilated(
+            x, jnp.flip(kernel, 0).astype(x.dtype), window_strides=(1,),
+            padding=[(span - self.padding, span - self.padding + self.output_padding)],
+            lhs_dilation=(self.stride,), rhs_dilation=(self.dilation,),
+            dimension_numbers=("NWC", "WIO", "NWC"))
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(y.dtype)
+        if self.trim_right:
+            y = y[:, : y.shape[1] - self.trim_right]
+        return y
+
+
+class Linear(nn.Module):
+    """``torch.nn.Linear``: kernel ``(in, out)``; optional weight norm per output feature."""
+
+    features: int
+    use_bias: bool = True
+    use_weight_norm: bool = False
+    kernel_init: Callable = default_kernel_init
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        kernel = _kernel_param(self, (x.shape[-1], self.features), 1, self.use_weight_norm, self.kernel_init)
+        y = jnp.einsum("...i,io->...o", x, kernel.astype(x.dtype))
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(y.dtype)
+        return y
+
+
+class PReLU(nn.Module):
+    """``torch.nn.PReLU(num_parameters)``: slope per channel (or one shared slope), init 0.25."""
+
+    num_parameters: int = 1
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        alpha = self.param("weight", nn.initializers.constant(0.25), (self.num_parameters,))
+        return jnp.where(x >= 0, x, alpha.astype(x.dtype) * x)
+
+
+def prelu(x: Array, alpha: Array) -> Array:
+    """PReLU with an explicit slope (for a slope shared across modules)."""
+    return jnp.where(x >= 0, x, alpha.astype(x.dtype) * x)
+
+
+def layer_norm(x: Array, eps: float, scale: Array | None = None, bias: Array | None = None,
+               axes: Sequence[int] = (-1,)) -> Array:
+    """PyTorch LayerNorm: biased variance ``mean((x - mean)^2)`` (two-pass), optional affine."""
+    mean = jnp.mean(x, axis=tuple(axes), keepdims=True)
+    centred = x - mean
+    var = jnp.mean(jnp.square(centred), axis=tuple(axes), keepdims=True)
+    y = centred * jax.lax.rsqrt(var + eps)
+    if scale is not None:
+        y = y * scale
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+class LayerNorm(nn.Module):
+    """``torch.nn.LayerNorm`` over the last axis; ``elementwise_affine=False`` gives no parameters."""
+
+    eps: float = 1e-5
+    use_scale: bool = True
+    use_bias: bool = True
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        d = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (d,)) if self.use_scale else None
+        bias = self.param("bias", nn.initializers.zeros, (d,)) if self.use_bias else None
+        return layer_norm(x, self.eps, scale, bias)
+
+
+def dot_product_attention(q: Array, k: Array, v: Array, bias: Array | None = None,
+                          mask: Array | None = None, scale: float | None = None) -> Array:
+    """Multi-head attention core, the reference's explicit form: ``softmax(q k^T * scale + bias) v``.
+
+    q: ``(B, Lq, H, D)``, k/v: ``(B, Lk, H, D)``; bias broadcastable to ``(B, H, Lq, Lk)``; mask (True =
+    attend) likewise. Softmax in float32. Returns ``(B, Lq, H, D)``.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(scale, q.dtype), k)
+    logits = logits.astype(jnp.float32)
+    if bias is not None:
+        logits = logits + bias
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+
+
+def gelu_exact(x: Array) -> Array:
+    """GELU with the exact erf, PyTorch's default."""
+    return jax.nn.gelu(x, approximate=False)

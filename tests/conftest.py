@@ -1,0 +1,23 @@
+"""Shared test helpers: where the reference material lives, and float32 parity settings."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import jax
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("ALMTOK_SHARED", REPO.parent / "shared")).resolve()
+FIXTURES = SHARED / "fixtures"
+AUDIO = SHARED / "audio"
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    if not SHARED.is_dir():
+        pytest.fail(f"reference material not found at {SHARED} (set ALMTOK_SHARED)")
+    return SHARED
