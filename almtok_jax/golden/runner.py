@@ -15,11 +15,11 @@ import numpy as np
 
 # kind -> "module:function"; each function takes a Fixture and returns {out name: array}.
 KINDS: dict[str, str] = {
-    "resample": "almtok_jax.golden.experts:resample",
-    "whisper_logmel": "almtok_jax.golden.experts:whisper_logmel",
-    "whisper_encoder": "almtok_jax.golden.experts:whisper_encoder",
-    "wavlm": "almtok_jax.golden.experts:wavlm",
-    "musicfm": "almtok_jax.golden.experts:musicfm",
+    "resample": "almtok_jax.golden.audio:resample",
+    "whisper_logmel": "almtok_jax.golden.audio:whisper_logmel",
+    "whisper_encoder": "almtok_jax.golden.whisper:whisper_encoder",
+    "wavlm": "almtok_jax.golden.wavlm:wavlm",
+    "musicfm": "almtok_jax.golden.musicfm:musicfm",
     "sqcodec": "almtok_jax.golden.sqcodec:sqcodec",
     "transformer_block": "almtok_jax.golden.quantizer:transformer_block",
     "rvq_eval": "almtok_jax.golden.quantizer:rvq_eval",
