@@ -1,0 +1,45 @@
+"""Golden handler for the SQ codec fixtures (``sqcodec_*.npz``, channels-first ``(B, C, L)`` arrays)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from almtok_jax.golden.runner import Fixture
+from almtok_jax.sqcodec import (
+    SQCodecConfig,
+    load_sqcodec,
+    quantize,
+    sq_decode,
+    sq_encode,
+    sq_forward_trace,
+)
+
+
+def _to_jax(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(a, np.float32).transpose(0, 2, 1))
+
+
+def _to_fixture(a) -> np.ndarray:
+    return np.asarray(a).transpose(0, 2, 1)
+
+
+def sqcodec(fx: Fixture) -> dict[str, np.ndarray]:
+    """Every ``out/*`` of case ``t``: latent, latent_q, decode (of our own latent), forward, decode_zrand and
+    the ``trace_<encoder|decoder>.<i>`` outputs."""
+    config = SQCodecConfig.from_meta(fx.config)
+    variables = load_sqcodec(fx.state_dict, config, source=fx.path.name)
+    out: dict[str, np.ndarray] = {}
+    for t in sorted(k.removeprefix("wav_") for k in fx.inputs if k.startswith("wav_")):
+        wav = _to_jax(fx.inputs[f"wav_{t}"])
+        latent = sq_encode(variables, wav, config)
+        forward, traces = sq_forward_trace(variables, wav, config)
+        out[f"latent_{t}"] = _to_fixture(latent)
+        out[f"latent_q_{t}"] = _to_fixture(quantize(latent))
+        out[f"decode_{t}"] = _to_fixture(sq_decode(variables, latent, config))
+        out[f"forward_{t}"] = _to_fixture(forward)
+        if f"zrand_{t}" in fx.inputs:
+            zrand = _to_jax(fx.inputs[f"zrand_{t}"])
+            out[f"decode_zrand_{t}"] = _to_fixture(sq_decode(variables, zrand, config))
+        for name, value in traces.items():
+            out[f"trace_{name}_{t}"] = _to_fixture(value)
+    return out
