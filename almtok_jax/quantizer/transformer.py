@@ -1,0 +1,191 @@
+"""The query transformer block of ALMTokenizer2 (upstream ``modules/transformer.py``, spec 02 §3).
+
+The configuration used everywhere in the model (``power_normalized=True``): no block LayerNorms, every
+linear weight-normed (``g``/``v`` recombined on each forward pass), fused ``to_qkv`` with per-head qk
+LayerNorm (eps 1e-5, affine), partial rotary embedding (rotate-half pairing on the first ``rope_dim`` dims
+of each head, positions ``0..L-1``), unmasked softmax attention, a sigmoid-gated GLU feed-forward, and a
+LayerScale on both residual branches. Stacks of identical blocks run under ``nn.scan`` with parameters
+stacked on a leading layer axis. Shapes are channels-last ``(B, L, dim)``; the block does not change the
+rate of its input.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from almtok_jax import mapping
+from almtok_jax.layers import Linear, dot_product_attention, layer_norm
+from almtok_jax.mapping import Rule
+
+Array = jax.Array
+
+
+@dataclass(frozen=True)
+class BlockConfig:
+    """One ``TransformerBlock`` (released: width 768, 6 heads of 128, RoPE on 64 dims, FF inner 3072)."""
+
+    dim: int = 768
+    dim_heads: int = 128
+    ff_mult: int = 4
+    qk_norm_eps: float = 1e-5
+    rope_base: float = 10000.0
+    rope_dim: int | None = None  # None: upstream's rule max(dim_heads // 2, 32)
+    layer_scale_init: float = 0.01
+
+    def __post_init__(self):
+        if self.dim % self.dim_heads:
+            raise ValueError(f"width {self.dim} is not a multiple of dim_heads {self.dim_heads}")
+        if self.rotary_dim > self.dim_heads or self.rotary_dim % 2:
+            raise ValueError(f"rotary dim {self.rotary_dim} must be even and at most dim_heads "
+                             f"{self.dim_heads} (upstream uses max(dim_heads // 2, 32))")
+
+    @property
+    def heads(self) -> int:
+        return self.dim // self.dim_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        return self.rope_dim if self.rope_dim is not None else max(self.dim_heads // 2, 32)
+
+    @property
+    def ff_inner(self) -> int:
+        return self.dim * self.ff_mult
+
+    @classmethod
+    def from_meta(cls, dim: int, block_kwargs: dict) -> BlockConfig:
+        """From a fixture's ``dim`` and upstream ``block_kwargs`` (the model's TransformerBlock options)."""
+        return cls(dim=dim, dim_heads=block_kwargs["dim_heads"], ff_mult=block_kwargs["ff_kwargs"]["mult"])
+
+
+def rope_inv_freq(config: BlockConfig) -> np.ndarray:
+    """The ``rope.inv_freq`` buffer ``(rotary_dim/2,)``: ``1 / base^(2k/rotary_dim)`` in float32."""
+    d = config.rotary_dim
+    exponent = np.arange(0, d, 2, dtype=np.float32) / np.float32(d)
+    return (np.float32(1.0) / np.power(np.float32(config.rope_base), exponent)).astype(np.float32)
+
+
+def check_rope_buffers(state_dict: dict, config: BlockConfig) -> None:
+    """Raise if a checkpoint's ``*.rope.inv_freq`` buffer differs from :func:`rope_inv_freq`.
+
+    The buffer is a constant of the architecture; the model recomputes it, so a checkpoint with another
+    rotary base or dim must not load silently.
+    """
+    want = rope_inv_freq(config)
+    for key, value in state_dict.items():
+        if key.endswith("rope.inv_freq"):
+            value = np.asarray(value, np.float32)
+            if value.shape != want.shape or not np.array_equal(value, want):
+                raise ValueError(f"{key} {value.shape} differs from the RoPE table of the config "
+                                 f"(rotary_dim {config.rotary_dim}, base {config.rope_base})")
+
+
+def apply_rope(x: Array, inv_freq: np.ndarray) -> Array:
+    """Rotate-half RoPE on the first ``2*len(inv_freq)`` features of ``x (B, L, H, Dh)``, positions 0..L-1.
+
+    Angles and rotation in float32; the remaining features pass through.
+    """
+    rot = 2 * inv_freq.shape[0]
+    pos = jnp.arange(x.shape[1], dtype=jnp.float32)
+    angles = pos[:, None] * jnp.asarray(inv_freq)[None, :]
+    angles = jnp.concatenate([angles, angles], axis=-1)[None, :, None, :]  # (1, L, 1, rot)
+    xr, rest = x[..., :rot].astype(jnp.float32), x[..., rot:]
+    half = rot // 2
+    rotated_half = jnp.concatenate([-xr[..., half:], xr[..., :half]], axis=-1)
+    xr = xr * jnp.cos(angles) + rotated_half * jnp.sin(angles)
+    return jnp.concatenate([xr.astype(x.dtype), rest], axis=-1)
+
+
+class SelfAttention(nn.Module):
+    """Fused weight-normed qkv (no bias) → qk LayerNorm → RoPE → softmax attention → weight-normed out."""
+
+    config: BlockConfig
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        c = self.config
+        b, length, _ = x.shape
+        qkv = Linear(3 * c.dim, use_bias=False, use_weight_norm=True, name="to_qkv")(x)
+        q, k, v = (t.reshape(b, length, c.heads, c.dim_heads) for t in jnp.split(qkv, 3, axis=-1))
+        q = layer_norm(q, c.qk_norm_eps, self.param("q_norm_scale", nn.initializers.ones, (c.dim_heads,)),
+                       self.param("q_norm_bias", nn.initializers.zeros, (c.dim_heads,)))
+        k = layer_norm(k, c.qk_norm_eps, self.param("k_norm_scale", nn.initializers.ones, (c.dim_heads,)),
+                       self.param("k_norm_bias", nn.initializers.zeros, (c.dim_heads,)))
+        inv_freq = rope_inv_freq(c)
+        q, k = apply_rope(q, inv_freq), apply_rope(k, inv_freq)
+        o = dot_product_attention(q, k, v).reshape(b, length, c.dim)
+        return Linear(c.dim, use_bias=False, use_weight_norm=True, name="to_out")(o)
+
+
+class GatedFeedForward(nn.Module):
+    """``W2 (value * sigmoid(gate)) + b2`` with ``[value | gate] = W1 x + b1``; both linears weight-normed."""
+
+    config: BlockConfig
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        inner = self.config.ff_inner
+        h = Linear(2 * inner, use_weight_norm=True, name="proj")(x)
+        u = h[..., :inner] * jax.nn.sigmoid(h[..., inner:])
+        return Linear(self.config.dim, use_weight_norm=True, name="out")(u)
+
+
+class TransformerBlock(nn.Module):
+    """``x + s_a * Attn(x)`` then ``x + s_f * FF(x)``; no norms on the residual stream. ``(B, L, dim)``."""
+
+    config: BlockConfig
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        c = self.config
+        scale_init = nn.initializers.constant(c.layer_scale_init)
+        x = x + self.param("self_attn_scale", scale_init, (c.dim,)) * SelfAttention(c, name="self_attn")(x)
+        return x + self.param("ff_scale", scale_init, (c.dim,)) * GatedFeedForward(c, name="ff")(x)
+
+
+class _ScanBlock(TransformerBlock):
+    """A block with the ``(carry, x) -> (carry, y)`` signature ``nn.scan`` expects."""
+
+    def __call__(self, x: Array, _: None = None) -> tuple[Array, None]:  # type: ignore[override]
+        return super().__call__(x), None
+
+
+class TransformerStack(nn.Module):
+    """``depth`` blocks applied in order (``nn.scan``; parameters stacked under ``blocks`` on axis 0)."""
+
+    config: BlockConfig
+    depth: int
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        blocks = nn.scan(_ScanBlock, variable_axes={"params": 0}, split_rngs={"params": True},
+                         length=self.depth)(self.config, name="blocks")
+        return blocks(x, None)[0]
+
+
+def transformer_stack_rules() -> list[Rule]:
+    """Keys of an ``nn.Sequential`` of blocks, relative to its prefix (``encoder_transformers.``).
+
+    ``{i}.rope.inv_freq`` is dropped here: it is a constant, checked by :func:`check_rope_buffers`.
+    """
+    p = "params/blocks/"
+    layer = r"(?P<i>\d+)\."
+    rules = [Rule(layer + r"rope\.inv_freq", None)]
+    for src, dst in (("self_attn.to_qkv", "self_attn/to_qkv"), ("self_attn.to_out", "self_attn/to_out"),
+                     ("ff.ff.0.proj", "ff/proj"), ("ff.ff.2", "ff/out")):
+        rules += [Rule(layer + src.replace(".", r"\.") + r"\.weight_v", p + dst + "/weight_v",
+                       mapping.linear, stack="i"),
+                  Rule(layer + src.replace(".", r"\.") + r"\.weight_g", p + dst + "/weight_g",
+                       mapping.flatten, stack="i")]
+    for src, dst in (("ff.ff.0.proj.bias", "ff/proj/bias"), ("ff.ff.2.bias", "ff/out/bias"),
+                     ("self_attn.q_norm.weight", "self_attn/q_norm_scale"),
+                     ("self_attn.q_norm.bias", "self_attn/q_norm_bias"),
+                     ("self_attn.k_norm.weight", "self_attn/k_norm_scale"),
+                     ("self_attn.k_norm.bias", "self_attn/k_norm_bias"),
+                     ("self_attn_scale.scale", "self_attn_scale"), ("ff_scale.scale", "ff_scale")):
+        rules.append(Rule(layer + src.replace(".", r"\."), p + dst, stack="i"))
+    return rules

@@ -1,0 +1,178 @@
+"""Query quantizer: interleaving layouts, odd frame counts, public quantize/dequantize, training forward,
+configs, RoPE buffer check, and the optional GPT loss."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from almtok_jax.quantizer import (
+    BlockConfig,
+    CodePredictor,
+    GPTLossConfig,
+    PronunciationConfig,
+    QuantizerConfig,
+    RVQConfig,
+    TransformerBlock,
+    check_rope_buffers,
+    dequantize,
+    extract_frames,
+    extract_queries,
+    gpt_loss,
+    init_variables,
+    interleave_masks,
+    interleave_queries,
+    quantize,
+    rope_inv_freq,
+    train_forward,
+)
+
+TINY = QuantizerConfig(block=BlockConfig(dim=64, dim_heads=32), encoder_depth=1, decoder_depth=1,
+                       rvq=RVQConfig(dim=64, codebook_size=16, codebook_dim=4, num_quantizers=2),
+                       pronunciation=PronunciationConfig(output_channels=6, decode_channels=8))
+
+
+@pytest.fixture(scope="module")
+def tiny_variables():
+    return init_variables(TINY, jax.random.key(0))
+
+
+def _labels(b: int, t: int) -> jnp.ndarray:
+    """Frame ``t`` of sample ``b`` is the vector filled with ``100 b + t + 1``."""
+    return (100 * jnp.arange(b)[:, None, None] + jnp.arange(t)[None, :, None] + 1.0) * jnp.ones((1, 1, 3))
+
+
+def test_encoder_interleaving_layout():
+    seq = interleave_queries(_labels(2, 6), jnp.zeros((1, 3)), 2)
+    np.testing.assert_array_equal(seq[0, :, 0], [1, 2, 0, 3, 4, 0, 5, 6, 0])
+    np.testing.assert_array_equal(seq[1, :, 0], [101, 102, 0, 103, 104, 0, 105, 106, 0])
+    np.testing.assert_array_equal(extract_queries(jnp.arange(9.0)[None, :, None], 2)[0, :, 0], [2, 5, 8])
+
+
+def test_decoder_interleaving_layout():
+    seq = interleave_masks(_labels(1, 3), -jnp.ones((1, 3)), 2)
+    np.testing.assert_array_equal(seq[0, :, 0], [-1, -1, 1, -1, -1, 2, -1, -1, 3])
+    np.testing.assert_array_equal(extract_frames(jnp.arange(9.0)[None, :, None], 2)[0, :, 0],
+                                  [0, 1, 3, 4, 6, 7])
+
+
+def test_odd_frame_count_release_raises(tiny_variables):
+    release = dataclasses.replace(TINY, compat="release")
+    with pytest.raises(ValueError, match="not a multiple of the query interval"):
+        quantize(tiny_variables, jnp.zeros((1, 5, TINY.dim)), release)
+
+
+def test_odd_frame_count_default_pads_last_frame(tiny_variables):
+    x = jax.random.normal(jax.random.key(1), (2, 5, TINY.dim))
+    codes, quantized = quantize(tiny_variables, x, TINY)
+    assert codes.shape == (2, 3, TINY.rvq.num_quantizers) and quantized.shape == (2, 3, TINY.dim)
+    padded = jnp.concatenate([x, x[:, -1:]], axis=1)
+    codes_padded, quantized_padded = quantize(tiny_variables, padded, TINY)
+    np.testing.assert_array_equal(np.asarray(codes), np.asarray(codes_padded))
+    np.testing.assert_array_equal(np.asarray(quantized), np.asarray(quantized_padded))
+    assert dequantize(tiny_variables, codes, TINY).shape == (2, 6, TINY.dim)
+
+
+def test_quantize_dequantize_compile_once_per_shape(tiny_variables):
+    x = jax.random.normal(jax.random.key(2), (2, 8, TINY.dim))
+    q0, d0 = quantize._cache_size(), dequantize._cache_size()
+    for seed in range(3):
+        codes, _ = quantize(tiny_variables, x + seed, TINY)
+        cond = dequantize(tiny_variables, codes, TINY)
+    assert quantize._cache_size() == q0 + 1 and dequantize._cache_size() == d0 + 1
+    assert codes.dtype == jnp.int32 and codes.shape == (2, 4, 2)
+    assert cond.shape == (2, 8, TINY.dim) and np.all(np.isfinite(np.asarray(cond)))
+
+
+def test_bad_feature_width_is_a_clear_error(tiny_variables):
+    with pytest.raises(ValueError, match=r"\(B, T, 64\)"):
+        quantize(tiny_variables, jnp.zeros((1, 4, 7)), TINY)
+
+
+def test_train_forward_updates_codebook_and_is_differentiable(tiny_variables):
+    params, codebook = tiny_variables["params"], tiny_variables["codebook"]
+    x = jax.random.normal(jax.random.key(3), (2, 8, TINY.dim))
+    target = jax.random.normal(jax.random.key(4), (2, 17, 6))  # T_w = 4N + 1: truncated to 16
+
+    def loss(params):
+        out, new_codebook = train_forward(params, codebook, x, TINY, jax.random.key(5), target)
+        return out["commit_loss"] + 0.5 * out["phone_loss"] + jnp.mean(out["cond"] ** 2), (out, new_codebook)
+
+    grads, (out, new_codebook) = jax.jit(jax.grad(loss, has_aux=True))(params)
+    assert out["pron_pred"].shape == (2, 16, 6) and out["cond"].shape == (2, 8, TINY.dim)
+    assert out["vq_losses"].shape == (2,) and float(out["commit_loss"]) > 0
+    assert not np.array_equal(np.asarray(new_codebook["vq_embed"]["cluster_size"]),
+                              np.asarray(codebook["vq_embed"]["cluster_size"]))
+    leaves = jax.tree.leaves(grads)
+    assert all(np.all(np.isfinite(np.asarray(g))) for g in leaves)
+    assert float(jnp.abs(grads["encoder_transformers"]["blocks"]["ff"]["out"]["bias"]).sum()) > 0
+    assert float(jnp.abs(grads["vq_embed"]["project_in"]["kernel"]).sum()) > 0
+
+
+def test_decoder_only_loading_matches_sampler_fixture(shared_dir):
+    from almtok_jax.golden.runner import load_fixture
+    from almtok_jax.quantizer.query import DECODER_PARTS, load_variables
+
+    fx = load_fixture(shared_dir / "fixtures/core/sampler.npz")
+    config = QuantizerConfig.from_meta(fx.config)
+    variables = load_variables(fx.state_dict, config, parts=DECODER_PARTS)  # DiT keys are ignored
+    assert "encoder_transformers" not in variables["params"]
+    codes = jnp.asarray(fx.inputs["codes_noprefix"]).transpose(0, 2, 1)
+    with jax.default_matmul_precision("highest"):
+        cond = dequantize(variables, codes, config)
+    np.testing.assert_allclose(np.asarray(cond), fx.expected["cond_noprefix"], rtol=0,
+                               atol=fx.meta["atol"]["cond_noprefix"])
+
+
+def test_released_defaults():
+    c = QuantizerConfig()
+    assert (c.dim, c.block.heads, c.block.rotary_dim, c.block.ff_inner) == (768, 6, 64, 3072)
+    assert (c.encoder_depth, c.decoder_depth, c.interval) == (6, 8, 2)
+    assert (c.rvq.num_quantizers, c.rvq.codebook_size, c.rvq.codebook_dim, c.rvq.decay) == (8, 8192, 32, 0.9)
+    assert c.rvq.threshold_ema_dead_code == 2 and c.rvq.gradient == "rotation_trick"
+    shapes = jax.eval_shape(TransformerBlock(c.block).init, jax.random.key(0), jnp.zeros((1, 3, 768)))
+    assert sum(int(np.prod(a.shape)) for a in jax.tree.leaves(shapes)) == 9_456_128  # spec 02 §3.9
+    with pytest.raises(ValueError, match="compat"):
+        QuantizerConfig(compat="strict")
+
+
+def test_invalid_block_config():
+    with pytest.raises(ValueError, match="rotary dim"):
+        BlockConfig(dim=32, dim_heads=16)
+
+
+def test_rope_buffer_check():
+    block = BlockConfig(dim=128, dim_heads=64)
+    good = rope_inv_freq(block)
+    assert good.shape == (16,) and good[0] == 1.0
+    check_rope_buffers({"encoder_transformers.0.rope.inv_freq": good}, block)
+    with pytest.raises(ValueError, match="RoPE"):
+        check_rope_buffers({"encoder_transformers.0.rope.inv_freq": good * 1.5}, block)
+
+
+def test_gpt_loss_decreases_when_trained_alone():
+    config = GPTLossConfig(enabled=True, layers=1, heads=2, width=32, max_len=16)
+    predictor = CodePredictor(config, num_quantizers=2, codebook_size=8)
+    z = jax.random.normal(jax.random.key(0), (2, 12, 16))
+    codes = jax.random.randint(jax.random.key(1), (2, 12, 2), 0, 8)
+    params = predictor.init(jax.random.key(2), z)["params"]
+    optimizer = optax.adam(3e-3)
+    opt_state = optimizer.init(params)
+
+    @jax.jit
+    def step(params, opt_state):
+        loss, grads = jax.value_and_grad(lambda p: gpt_loss(predictor, p, z, codes))(params)
+        updates, opt_state = optimizer.update(grads, opt_state)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    losses = []
+    for _ in range(40):
+        params, opt_state, loss = step(params, opt_state)
+        losses.append(float(loss))
+    assert np.isfinite(losses).all()
+    assert losses[-1] < 0.5 * losses[0], losses
