@@ -1,0 +1,26 @@
+"""Flow-matching decoder: the DiT estimator (:mod:`.dit`), its training loss and samplers (:mod:`.cfm`)."""
+
+from almtok_jax.flow.cfm import (
+    FlowLossConfig,
+    FlowLossDraws,
+    SamplerConfig,
+    cfm_rules,
+    cfm_shapes,
+    estimator_variables,
+    fill_padding,
+    flow_matching_loss,
+    incontext_latents,
+    inference_masks,
+    initial_noise,
+    make_sampler,
+    sample,
+    sample_loss_draws,
+)
+from almtok_jax.flow.dit import ESTIMATOR_PREFIX, DiTConfig, DiTEstimator, dit_rules, init_shapes
+
+__all__ = [
+    "DiTConfig", "DiTEstimator", "ESTIMATOR_PREFIX", "FlowLossConfig", "FlowLossDraws", "SamplerConfig",
+    "cfm_rules", "cfm_shapes", "dit_rules", "estimator_variables", "fill_padding", "flow_matching_loss",
+    "incontext_latents", "inference_masks", "init_shapes", "initial_noise", "make_sampler", "sample",
+    "sample_loss_draws",
+]

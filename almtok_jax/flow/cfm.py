@@ -1,0 +1,294 @@
+"""Conditional flow matching around the DiT: the training loss and the jit-compiled CFG sampler.
+
+Conventions (spec 03 §4–5): ``t = 0`` is noise and ``t = 1`` is data; the path is
+``y = (1 − (1 − σ)·t)·z + t·x1`` with target velocity ``u = x1 − (1 − σ)·z``. Latents are channels-last
+``(B, T, C)`` at 25 Hz; the condition is ``(B, T, cond_dim)`` on the same frames. Frame masks use the
+reference's codes: 2 = target, 1 = in-context prompt, 0 = padding. The estimator input is
+``[noisy latent | in-context latent | condition]`` on channels.
+
+The estimator is passed as a function ``velocity(h (B', T, in_channels), t (B',)) -> (B', T, C)`` so that
+loss and sampler work with any parameters (e.g. ``lambda h, t: model.apply(variables, h, t)``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from almtok_jax.flow.dit import ESTIMATOR_PREFIX, DiTConfig, DiTEstimator, dit_rules, init_shapes
+from almtok_jax.mapping import Rule, prefixed
+
+Array = jax.Array
+VelocityFn = Callable[[Array, Array], Array]
+
+TARGET, PROMPT, PADDING = 2, 1, 0
+
+
+# ----------------------------------------------------------------------------------------------- masks
+
+
+def prompt_mask(frames: int, prompt_len: Array) -> Array:
+    """``(B,)`` prompt lengths → ``(B, T)`` bool, True on frames ``[0, prompt_len)``."""
+    return jnp.arange(frames)[None] < jnp.asarray(prompt_len)[:, None]
+
+
+def inference_masks(frames: int, latent_length: Array, prompt_len: Array) -> Array:
+    """Masks of one inference window ``(B, T)`` int32: 2 on ``[0, latent_length)``, then 1 on the prompt."""
+    valid = jnp.arange(frames)[None] < jnp.asarray(latent_length)[:, None]
+    masks = jnp.where(valid, TARGET, PADDING)
+    return jnp.where(prompt_mask(frames, prompt_len), PROMPT, masks).astype(jnp.int32)
+
+
+def fill_padding(cond: Array, masks: Array, zero_cond: Array) -> Array:
+    """Replace the condition on padding frames (mask 0) by the learned ``zero_cond_embedding1``."""
+    return jnp.where((masks < 0.5)[..., None], zero_cond.astype(cond.dtype), cond)
+
+
+def incontext_latents(latents: Array, masks: Array) -> Array:
+    """``latents · [mask == 1]``: the clean latent on prompt frames, zero elsewhere."""
+    return latents * (masks == PROMPT)[..., None].astype(latents.dtype)
+
+
+def estimator_input(x: Array, prompt: Array, cond: Array) -> Array:
+    """``[noisy latent | in-context latent | condition]`` on the channel axis."""
+    return jnp.concatenate([x, prompt, cond], axis=-1)
+
+
+# ------------------------------------------------------------------------------------------------ loss
+
+
+@dataclass(frozen=True)
+class FlowLossConfig:
+    """Training-time masking and loss settings (spec 03 §4)."""
+
+    sigma_min: float = 1e-4
+    cfg_dropout: float = 0.1  # per sample, the whole condition becomes 0
+    prefix_probability: float = 0.5  # per batch ('other_seg'): every sample gets an in-context prefix
+    prefix_min: int = 32  # prefix length drawn uniformly from [prefix_min, prefix_max], both included
+    prefix_max: int = 64
+    padding_weight: float = 0.01  # loss weight of mask-0 frames; prompt frames weigh 0, targets 1
+    validation_t: float = 0.5  # flow time used in validation mode
+
+    @classmethod
+    def from_fixture(cls, config: dict) -> FlowLossConfig:
+        return cls(sigma_min=config.get("sigma_min", cls.sigma_min))
+
+
+@dataclass(frozen=True)
+class FlowLossDraws:
+    """Every random draw of one loss evaluation, in the reference's order (inject these for parity).
+
+    ``use_prefix ()`` bool; ``prefix_len (B,)`` int; ``cfg_uniform (B,)`` in [0, 1); ``t (B,)``;
+    ``z (B, T, C)`` standard normal.
+    """
+
+    use_prefix: Array
+    prefix_len: Array
+    cfg_uniform: Array
+    t: Array
+    z: Array
+
+
+jax.tree_util.register_dataclass(
+    FlowLossDraws, data_fields=["use_prefix", "prefix_len", "cfg_uniform", "t", "z"], meta_fields=[])
+
+
+def sample_loss_draws(key: Array, shape: tuple[int, int, int], config: FlowLossConfig,
+                      validation: bool = False) -> FlowLossDraws:
+    """Draw :class:`FlowLossDraws` for latents of ``shape = (B, T, C)``; validation fixes ``t``."""
+    b = shape[0]
+    k_scn, k_len, k_cfg, k_t, k_z = jax.random.split(key, 5)
+    t = (jnp.full((b,), config.validation_t, jnp.float32) if validation
+         else jax.random.uniform(k_t, (b,), jnp.float32))
+    return FlowLossDraws(
+        use_prefix=jax.random.bernoulli(k_scn, config.prefix_probability),
+        prefix_len=jax.random.randint(k_len, (b,), config.prefix_min, config.prefix_max + 1),
+        cfg_uniform=jax.random.uniform(k_cfg, (b,), jnp.float32),
+        t=t, z=jax.random.normal(k_z, shape, jnp.float32))
+
+
+def loss_weights(masks: Array, padding_weight: float) -> Array:
+    """Per-frame weights ``(B, T)``: 1 on targets (mask 2), ``padding_weight`` on padding, 0 on prompts."""
+    return jnp.where(masks > 1.5, 1.0, jnp.where(masks < 0.5, padding_weight, 0.0)).astype(jnp.float32)
+
+
+def flow_matching_loss(velocity: VelocityFn, latents: Array, cond: Array, latent_masks: Array,
+                       zero_cond: Array, draws: FlowLossDraws, config: FlowLossConfig
+                       ) -> tuple[Array, dict[str, Array]]:
+    """The training loss of one batch and its intermediates.
+
+    ``latents (B, T, C)`` clean targets x1, ``cond (B, T, cond_dim)``, ``latent_masks (B, T)`` with 2 on
+    valid and 0 on padding frames, ``zero_cond (cond_dim,)``. Returns ``(loss, aux)``; ``aux`` holds
+    ``latent_masks`` (with the prefix marked), ``cond`` (padding-filled, CFG-dropped), ``incontext``,
+    ``y``, ``t``, ``velocity``. The loss is ``Σ (w·v̂ − w·u)² / (Σ w · C)`` (so the numerator carries w²).
+    """
+    b, frames, channels = latents.shape
+    if cond.shape[:2] != (b, frames) or latent_masks.shape != (b, frames):
+        raise ValueError(f"condition {cond.shape} and masks {latent_masks.shape} must cover the latents' "
+                         f"(B, T) = {(b, frames)}")
+    prefix = prompt_mask(frames, draws.prefix_len) & draws.use_prefix
+    masks = jnp.where(prefix, PROMPT, latent_masks)
+    cond = fill_padding(cond, masks, zero_cond)
+    cond = jnp.where((draws.cfg_uniform < config.cfg_dropout)[:, None, None], 0.0, cond)
+    prompt = incontext_latents(latents, masks)
+
+    t = draws.t.astype(jnp.float32)
+    tb = t[:, None, None]
+    y = (1 - (1 - config.sigma_min) * tb) * draws.z + tb * latents
+    u = latents - (1 - config.sigma_min) * draws.z
+    v = velocity(estimator_input(y, prompt, cond), t)
+
+    w = loss_weights(masks, config.padding_weight)[..., None]
+    loss = jnp.sum(jnp.square(w * v - w * u)) / (jnp.sum(w) * channels)
+    aux = dict(latent_masks=masks, cond=cond, incontext=prompt, y=y, t=t, velocity=v)
+    return loss, aux
+
+
+# --------------------------------------------------------------------------------------------- sampler
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """ODE sampler settings; defaults are what the released ``infer.py`` runs (spec 03 §5.3)."""
+
+    num_steps: int = 50
+    guidance_scale: float = 1.5  # > 1: classifier-free guidance with a doubled (2B) batch; ≤ 1: no CFG
+    solver: str = "euler"  # "euler" (upstream) | "midpoint" (2 estimator calls per step)
+    sigma_min: float = 1e-4
+
+    def __post_init__(self) -> None:
+        if self.solver not in ("euler", "midpoint"):
+            raise ValueError(f"SamplerConfig: unknown solver {self.solver!r} (euler | midpoint)")
+        if self.num_steps < 1:
+            raise ValueError(f"SamplerConfig: num_steps must be ≥ 1, got {self.num_steps}")
+
+
+def time_grid(num_steps: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(t_span (N+1,), t (N,), dt (N,))`` float32, exactly as upstream steps through them.
+
+    ``t_span`` follows torch's fp32 ``linspace`` (first half from the start, second half from the end);
+    the solver's ``t`` accumulates ``t += dt`` with ``dt = t_span[k+1] − t`` re-read from the grid.
+    """
+    n = num_steps + 1
+    step = np.float32(1) / np.float32(num_steps)
+    idx = np.arange(n)
+    t_span = np.where(idx < n // 2, idx.astype(np.float32) * step,
+                      np.float32(1.0) - (n - 1 - idx).astype(np.float32) * step).astype(np.float32)
+    ts, dts = np.zeros(num_steps, np.float32), np.zeros(num_steps, np.float32)
+    t = t_span[0]
+    for k in range(num_steps):
+        ts[k] = t
+        dts[k] = np.float32(t_span[k + 1] - t)
+        t = np.float32(t + dts[k])
+    return t_span, ts, dts
+
+
+def guidance_batch(x: Array, prompt: Array, cond: Array, guidance_scale: float) -> Array:
+    """The estimator input at one step: ``(B, T, in)`` without guidance, else ``(2B, T, in)`` with the
+    unconditional half first (condition channels all zero, same state and prompt) and the conditional half
+    second."""
+    if guidance_scale <= 1.0:
+        return estimator_input(x, prompt, cond)
+    uncond = estimator_input(x, prompt, jnp.zeros_like(cond))
+    return jnp.concatenate([uncond, estimator_input(x, prompt, cond)])
+
+
+def guided_velocity(velocity: VelocityFn, x: Array, prompt: Array, cond: Array, t: Array,
+                    guidance_scale: float) -> tuple[Array, Array, Array]:
+    """``(v, v_uncond, v_cond)`` at scalar time ``t``, one estimator call on :func:`guidance_batch`;
+    ``v = v_u + g·(v_c − v_u)`` (without guidance all three are the conditional velocity)."""
+    b = x.shape[0]
+    h = guidance_batch(x, prompt, cond, guidance_scale)
+    vv = velocity(h, jnp.full((h.shape[0],), t, jnp.float32))
+    if guidance_scale <= 1.0:
+        return vv, vv, vv
+    v_u, v_c = vv[:b], vv[b:]
+    return v_u + guidance_scale * (v_c - v_u), v_u, v_c
+
+
+def sample(velocity: VelocityFn, cond: Array, prompt: Array, prompt_len: Array, x0: Array,
+           config: SamplerConfig, trace: bool = False) -> tuple[Array, dict[str, Array] | None]:
+    """Integrate the flow from noise ``x0 (B, T, C)`` at t = 0 to latents at t = 1 (traceable, no host sync).
+
+    ``cond (B, T, cond_dim)`` is the padding-filled condition (``mu``); ``prompt (B, T, C)`` the in-context
+    latents (zero outside the prompt); ``prompt_len (B,)`` the prompt lengths L. At every estimator call
+    the prompt frames are put back on the path, ``x[:, :L] = (1 − (1 − σ)t)·x0[:, :L] + t·prompt[:, :L]``,
+    and at the end they are overwritten with the prompt. Returns ``(latents, trajectory)``; with ``trace``
+    the trajectory stacks per step ``x`` (the estimator's state input), ``t``, ``v_uncond``, ``v_cond``
+    ``(N, ...)`` and holds ``est_in0``, the estimator input of step 0.
+    """
+    b, frames, channels = x0.shape
+    if prompt.shape != x0.shape or cond.shape[:2] != (b, frames):
+        raise ValueError(f"sampler: prompt {prompt.shape} / condition {cond.shape} do not match the noise "
+                         f"{x0.shape}")
+    on_prompt = prompt_mask(frames, prompt_len)[..., None]
+    sigma, g = config.sigma_min, config.guidance_scale
+    t_span, ts, dts = time_grid(config.num_steps)
+
+    def reimpose(x: Array, t: Array) -> Array:
+        return jnp.where(on_prompt, (1 - (1 - sigma) * t) * x0 + t * prompt, x)
+
+    def step(x: Array, grid: tuple[Array, Array]) -> tuple[Array, dict[str, Array]]:
+        t, dt = grid
+        x = reimpose(x, t)
+        v, v_u, v_c = guided_velocity(velocity, x, prompt, cond, t, g)
+        record = dict(x=x, t=t, v_uncond=v_u, v_cond=v_c) if trace else {}
+        if config.solver == "midpoint":
+            t_mid = t + 0.5 * dt
+            x_mid = reimpose(x + 0.5 * dt * v, t_mid)
+            v = guided_velocity(velocity, x_mid, prompt, cond, t_mid, g)[0]
+        return x + dt * v, record
+
+    x, records = jax.lax.scan(step, x0, (jnp.asarray(ts), jnp.asarray(dts)))
+    x = jnp.where(on_prompt, prompt, x)
+    if not trace:
+        return x, None
+    records["est_in0"] = guidance_batch(reimpose(x0, jnp.float32(ts[0])), prompt, cond, g)
+    records["t_span"] = jnp.asarray(t_span)
+    return x, records
+
+
+def make_sampler(model: DiTEstimator, config: SamplerConfig, trace: bool = False
+                 ) -> Callable[..., tuple[Array, dict[str, Array] | None]]:
+    """A jit-compiled sampler ``run(variables, cond, prompt, prompt_len, x0) -> (latents, trajectory)``.
+
+    One compilation per input shape; the whole loop runs on device. Draw ``x0`` with :func:`initial_noise`.
+    """
+
+    @jax.jit
+    def run(variables: dict, cond: Array, prompt: Array, prompt_len: Array, x0: Array):
+        return sample(lambda h, t: model.apply(variables, h, t), cond, prompt, prompt_len, x0, config, trace)
+
+    return run
+
+
+def initial_noise(key: Array, shape: tuple[int, int, int]) -> Array:
+    """Standard-normal ``x0 (B, T, C)`` float32 (upstream ``prepare_latents``, temperature 1)."""
+    return jax.random.normal(key, shape, jnp.float32)
+
+
+# ------------------------------------------------------------------------------------------- weights
+
+
+def cfm_rules(config: DiTConfig) -> list[Rule]:
+    """Rules for the flow part of the ``AudioDiffusion1D`` state dict: the estimator under ``estimator/``
+    and ``zero_cond_embedding1`` (full reference key names)."""
+    return [*prefixed(ESTIMATOR_PREFIX, dit_rules(config), target_prefix="estimator"),
+            Rule(r"zero_cond_embedding1", "params/zero_cond_embedding1")]
+
+
+def cfm_shapes(config: DiTConfig) -> dict:
+    """Expected variable shapes for :func:`cfm_rules` (``expected=`` of ``convert_state_dict``)."""
+    est = init_shapes(config)
+    zero = jax.ShapeDtypeStruct((config.cond_dim,), jnp.float32)
+    return {"params": {"estimator": est["params"], "zero_cond_embedding1": zero},
+            "buffers": {"estimator": est["buffers"]}}
+
+
+def estimator_variables(variables: dict) -> dict:
+    """The estimator's own variables out of a :func:`cfm_rules` tree."""
+    return {"params": variables["params"]["estimator"], "buffers": variables["buffers"]["estimator"]}

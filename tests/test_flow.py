@@ -1,0 +1,169 @@
+"""Flow decoder properties on a tiny random DiT (golden parity is in test_golden.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from almtok_jax.flow.cfm import (
+    FlowLossConfig,
+    FlowLossDraws,
+    SamplerConfig,
+    flow_matching_loss,
+    loss_weights,
+    make_sampler,
+    sample,
+    time_grid,
+)
+from almtok_jax.flow.dit import DiTConfig, DiTEstimator
+
+CFG = DiTConfig(num_layers=2, num_attention_heads=2, attention_head_dim=8, in_channels=2 * 4 + 8,
+                out_channels=4, cond_dim=8, num_positional_embeddings=24, timestep_channels=16)
+B, T = 2, 12
+
+
+@pytest.fixture(scope="module")
+def model_vars():
+    model = DiTEstimator(CFG)
+    h = jnp.zeros((1, T, CFG.in_channels))
+    return model, jax.jit(model.init)(jax.random.key(0), h, jnp.zeros((1,)))
+
+
+def _inputs(seed: int = 1, b: int = B):
+    k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+    cond = jax.random.normal(k1, (b, T, CFG.cond_dim))
+    prompt_full = jax.random.normal(k2, (b, T, CFG.out_channels))
+    x0 = jax.random.normal(k3, (b, T, CFG.out_channels))
+    prompt_len = jnp.array([3, 5, 0, 1][:b])
+    prompt = jnp.where(jnp.arange(T)[None, :, None] < prompt_len[:, None, None], prompt_full, 0.0)
+    return cond, prompt, prompt_len, x0
+
+
+def test_sampler_compiles_once_per_shape(model_vars):
+    model, variables = model_vars
+    run = make_sampler(model, SamplerConfig(num_steps=3))
+    for seed in (1, 2):
+        latents, _ = run(variables, *_inputs(seed))
+        assert latents.shape == (B, T, CFG.out_channels)
+    assert run._cache_size() == 1
+    run(variables, *_inputs(3, b=1))
+    assert run._cache_size() == 2
+
+
+def test_guidance_batch_equals_single_runs(model_vars):
+    model, variables = model_vars
+    run = make_sampler(model, SamplerConfig(num_steps=3, guidance_scale=2.0))
+    cond, prompt, prompt_len, x0 = _inputs()
+    both, _ = run(variables, cond, prompt, prompt_len, x0)
+    for i in range(B):
+        one, _ = run(variables, cond[i:i + 1], prompt[i:i + 1], prompt_len[i:i + 1], x0[i:i + 1])
+        np.testing.assert_allclose(both[i:i + 1], one, atol=2e-5)
+
+
+def test_prompt_frames_are_exact_at_the_end(model_vars):
+    model, variables = model_vars
+    cond, prompt, prompt_len, x0 = _inputs()
+    for solver in ("euler", "midpoint"):
+        latents, _ = make_sampler(model, SamplerConfig(num_steps=2, solver=solver))(
+            variables, cond, prompt, prompt_len, x0)
+        for i, n in enumerate(np.asarray(prompt_len)):
+            np.testing.assert_array_equal(latents[i, :n], prompt[i, :n])
+            assert not np.allclose(latents[i, n:], 0.0)
+
+
+def test_trajectory_reimposes_prompt_on_path(model_vars):
+    model, variables = model_vars
+    cond, prompt, prompt_len, x0 = _inputs()
+    config = SamplerConfig(num_steps=4)
+    run = jax.jit(lambda v, *a: sample(lambda h, t: model.apply(v, h, t), *a, config, trace=True))
+    _, traj = run(variables, cond, prompt, prompt_len, x0)
+    _, ts, _ = time_grid(4)
+    for k, t in enumerate(ts):
+        want = (1 - (1 - config.sigma_min) * t) * x0[0, :3] + t * prompt[0, :3]
+        np.testing.assert_allclose(traj["x"][k][0, :3], want, atol=1e-6)
+    assert traj["est_in0"].shape == (2 * B, T, CFG.in_channels)
+
+
+def test_length_beyond_position_table_raises(model_vars):
+    model, variables = model_vars
+    h = jnp.zeros((1, CFG.num_positional_embeddings + 1, CFG.in_channels))
+    with pytest.raises(ValueError, match="position table"):
+        model.apply(variables, h, jnp.zeros((1,)))
+
+
+def test_timestep_must_match_batch(model_vars):
+    model, variables = model_vars
+    with pytest.raises(ValueError, match="timestep"):
+        model.apply(variables, jnp.zeros((2, T, CFG.in_channels)), jnp.zeros((1,)))
+
+
+def _draws(masks_shape, prefix=None, cfg_u=(0.5, 0.5), t=(0.3, 0.7)):
+    b, frames = masks_shape
+    z = jax.random.normal(jax.random.key(7), (b, frames, CFG.out_channels))
+    use = prefix is not None
+    return FlowLossDraws(jnp.asarray(use), jnp.asarray(prefix or [0] * b), jnp.asarray(cfg_u),
+                         jnp.asarray(t), z)
+
+
+def test_loss_weights_and_normalisation():
+    masks = jnp.array([[2, 2, 1, 0], [0, 1, 2, 2]])
+    np.testing.assert_array_equal(loss_weights(masks, 0.01), np.float32([[1, 1, 0, 0.01], [0.01, 0, 1, 1]]))
+    k1, k2 = jax.random.split(jax.random.key(3))
+    x1 = jax.random.normal(k1, (2, 4, CFG.out_channels))
+    cond = jax.random.normal(k2, (2, 4, CFG.cond_dim))
+    err = jnp.ones((2, 4, CFG.out_channels))
+    config = FlowLossConfig()
+    draws = _draws(masks.shape)
+
+    def off_by_one(h, t):  # predicts u + 1 exactly: squared error 1 everywhere
+        y = h[..., :CFG.out_channels]
+        tb = t[:, None, None]
+        z = (y - tb * x1) / (1 - (1 - config.sigma_min) * tb)
+        return x1 - (1 - config.sigma_min) * z + err
+
+    loss, _ = jax.jit(lambda *a: flow_matching_loss(off_by_one, *a, config))(
+        x1, cond, masks, jnp.zeros(CFG.cond_dim), draws)
+    w = np.array([[1, 1, 0, 0.01], [0.01, 0, 1, 1]])
+    np.testing.assert_allclose(loss, np.sum(w**2) / np.sum(w), rtol=1e-4)  # numerator w², denominator w
+
+
+def test_loss_prefix_padding_fill_and_cfg_dropout():
+    masks = jnp.array([[2] * 6, [2] * 4 + [0] * 2])
+    x1 = jnp.ones((2, 6, CFG.out_channels))
+    cond = jnp.ones((2, 6, CFG.cond_dim))
+    zero_cond = jnp.full((CFG.cond_dim,), 5.0)
+    draws = _draws(masks.shape, prefix=[2, 5], cfg_u=(0.05, 0.5))
+    _, aux = jax.jit(lambda *a: flow_matching_loss(lambda h, t: h[..., :CFG.out_channels], *a,
+                                                   FlowLossConfig()))(x1, cond, masks, zero_cond, draws)
+    np.testing.assert_array_equal(aux["latent_masks"], [[1, 1, 2, 2, 2, 2], [1, 1, 1, 1, 1, 0]])
+    np.testing.assert_array_equal(aux["cond"][0], 0.0)  # dropped sample: all frames zero
+    np.testing.assert_array_equal(aux["cond"][1, :5], 1.0)
+    np.testing.assert_array_equal(aux["cond"][1, 5], 5.0)  # padding frame filled
+    np.testing.assert_array_equal(aux["incontext"][:, :, 0], [[1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 0]])
+
+
+def test_bf16_compute_close_to_fp32(model_vars):
+    model, variables = model_vars
+    h = jax.random.normal(jax.random.key(4), (B, T, CFG.in_channels))
+    t = jnp.array([0.2, 0.9])
+    ref = jax.jit(model.apply)(variables, h, t)
+    low = jax.jit(DiTEstimator(dataclasses.replace(CFG, dtype="bfloat16")).apply)(variables, h, t)
+    assert low.dtype == jnp.float32
+    assert float(jnp.max(jnp.abs(low - ref))) < 0.05 * float(jnp.max(jnp.abs(ref)))
+
+
+def test_remat_gives_same_gradients(model_vars):
+    model, variables = model_vars
+    h = jax.random.normal(jax.random.key(5), (B, T, CFG.in_channels))
+    t = jnp.array([0.2, 0.9])
+    remat = DiTEstimator(dataclasses.replace(CFG, remat_policy="nothing_saveable"))
+
+    def grads(m):
+        loss = lambda p: jnp.sum(m.apply({**variables, "params": p}, h, t) ** 2)  # noqa: E731
+        return jax.jit(jax.grad(loss))(variables["params"])
+
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), grads(model), grads(remat))
