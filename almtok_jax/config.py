@@ -105,3 +105,57 @@ def override(config: T, assignments: list[str]) -> T:
             raise ValueError(f"override {item!r}: no config key {leaf!r}")
         node[leaf] = yaml.safe_load(raw)
     return from_dict(type(config), data)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The model tree. Component configs live next to their modules; defaults are the released architecture.
+
+from almtok_jax.audio import LogMelConfig  # noqa: E402
+from almtok_jax.experts.fusion import FusionConfig  # noqa: E402
+from almtok_jax.experts.musicfm import MusicFMConfig  # noqa: E402
+from almtok_jax.experts.wavlm import WavLMConfig  # noqa: E402
+from almtok_jax.experts.whisper import WhisperConfig  # noqa: E402
+from almtok_jax.flow.cfm import FlowLossConfig, SamplerConfig  # noqa: E402
+from almtok_jax.flow.dit import DiTConfig  # noqa: E402
+from almtok_jax.pipeline import PipelineConfig  # noqa: E402
+from almtok_jax.quantizer.query import QuantizerConfig  # noqa: E402
+from almtok_jax.sqcodec import SQCodecConfig  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertsConfig:
+    """The three frozen semantic experts and the Whisper front end."""
+
+    logmel: LogMelConfig = dataclasses.field(default_factory=LogMelConfig)
+    whisper: WhisperConfig = dataclasses.field(default_factory=WhisperConfig)
+    wavlm: WavLMConfig = dataclasses.field(default_factory=WavLMConfig)
+    musicfm: MusicFMConfig = dataclasses.field(default_factory=MusicFMConfig)
+
+
+@dataclasses.dataclass(frozen=True)
+class ALMTokenizer2Config:
+    """Every hyper-parameter of ALMTokenizer2; the defaults are the released model."""
+
+    experts: ExpertsConfig = dataclasses.field(default_factory=ExpertsConfig)
+    fusion: FusionConfig = dataclasses.field(default_factory=FusionConfig)
+    quantizer: QuantizerConfig = dataclasses.field(default_factory=QuantizerConfig)
+    dit: DiTConfig = dataclasses.field(default_factory=DiTConfig)
+    flow_loss: FlowLossConfig = dataclasses.field(default_factory=FlowLossConfig)
+    sampler: SamplerConfig = dataclasses.field(default_factory=SamplerConfig)
+    sqcodec: SQCodecConfig = dataclasses.field(default_factory=SQCodecConfig)
+    pipeline: PipelineConfig = dataclasses.field(default_factory=PipelineConfig)
+
+
+def load_model_config(path: str | Path) -> ALMTokenizer2Config:
+    """A model preset: a YAML file, or the name of one in ``configs/`` (``almtokenizer2``, ``tiny_release``)."""
+    p = Path(path)
+    if not p.suffix and not p.exists():
+        p = CONFIG_DIR / f"{path}.yaml"
+    return load_yaml(ALMTokenizer2Config, p)
+
+
+__all__ = [
+    "ALMTokenizer2Config", "DiTConfig", "ExpertsConfig", "FlowLossConfig", "FusionConfig", "LogMelConfig",
+    "MusicFMConfig", "PipelineConfig", "QuantizerConfig", "SQCodecConfig", "SamplerConfig", "WavLMConfig",
+    "WhisperConfig", "from_dict", "load_model_config", "load_yaml", "override", "save_yaml", "to_dict",
+]

@@ -42,8 +42,6 @@ class PipelineConfig:
     segment_extra_samples: int = 240    # encode segments are this much longer than min_duration
     encode_batch_size: int = 6
     prompt_frames: int = 64             # default mode: aligned in-context prompt length (latent frames)
-    num_steps: int = 50
-    guidance_scale: float = 1.5
 
     @property
     def samples_per_token(self) -> int:

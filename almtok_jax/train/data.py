@@ -1,0 +1,188 @@
+"""Training input pipeline (grain), spec ``04-sqcodec-training.md`` B.2-B.5.
+
+Sources: the reference's list file (one clip per line, four tab-separated fields ``name, path, duration,
+sample rate``; lines with another field count are skipped) or a folder searched recursively for
+wav/flac/ogg files. Per clip, on the host: read a segment of ``segment_seconds`` (a random offset by
+default, the file's start with ``crop=start`` like the reference), average the channels, zero-pad,
+resample to 24 kHz with the reference resampler, and apply the reference ``VolumeNorm`` (B.4: skip if
+``mean(x^2) < 1e-6``, else gain to a BS.1770 loudness of ``-16 + U(-3, 3)`` LUFS, then ``0.95 / peak`` if
+the peak exceeds 1). Every random draw comes from grain's per-record RNG (seeded by ``TrainConfig.seed``),
+so the stream is a pure function of the seed and the iterator state, which is checkpointed.
+
+A clip that cannot be read is logged and replaced by the next one in the list: training never stops on a
+corrupt file. Batches are dicts of NumPy arrays for this host: ``wav`` ``(B_host, S)`` float32 at 24 kHz and
+``length`` ``(B_host,)`` int32 (valid samples before the zero padding). Each host reads its own shard
+(``ShardByJaxProcess``).
+
+Deviations from the reference (deliberate): random crop by default; the actual file header decides the
+frames to read (the list's duration/sample-rate columns are parsed but not trusted); the epoch order is
+reshuffled every epoch (the reference repeats epoch 0's permutation); the last partial batch is dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import grain
+import jax
+import numpy as np
+import pyloudnorm
+import soundfile as sf
+
+from almtok_jax.audio import load_audio, resample, to_mono
+from almtok_jax.train.config import DataConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ClipEntry:
+    path: str
+    duration: float | None = None
+    sample_rate: int | None = None
+
+
+def read_list(path: str | Path) -> list[ClipEntry]:
+    """Parse a 4-column tab-separated list; relative audio paths are resolved against the list's folder."""
+    path = Path(path)
+    entries = []
+    for line in path.read_text().splitlines():
+        fields = line.rstrip("\n").split("\t")
+        if len(fields) != 4:
+            continue
+        _, audio, duration, rate = fields
+        audio_path = Path(audio) if Path(audio).is_absolute() else path.parent / audio
+        entries.append(ClipEntry(str(audio_path), float(duration), int(rate)))
+    return entries
+
+
+def scan_folder(folder: str | Path, extensions: tuple[str, ...]) -> list[ClipEntry]:
+    """Audio files under ``folder`` (recursive), sorted by path."""
+    suffixes = {"." + e.lower().lstrip(".") for e in extensions}
+    files = sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
+    return [ClipEntry(str(p)) for p in files]
+
+
+def read_source(source: str | Path, extensions: tuple[str, ...] = ("wav", "flac", "ogg")) -> list[ClipEntry]:
+    """A list file or an audio folder -> clip entries (error if there are none)."""
+    source = Path(source)
+    if source.is_dir():
+        entries = scan_folder(source, extensions)
+    elif source.is_file():
+        entries = read_list(source)
+    else:
+        raise FileNotFoundError(f"training data {source} is neither a list file nor a folder")
+    if not entries:
+        raise ValueError(f"training data {source}: no usable clips (4-column lists or {extensions} files)")
+    return entries
+
+
+class ClipSource:
+    """grain random-access source: record ``i`` is ``(i, entry)``."""
+
+    def __init__(self, entries: list[ClipEntry]):
+        self.entries = entries
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, index: int) -> tuple[int, ClipEntry]:
+        return int(index), self.entries[int(index)]
+
+    def __repr__(self) -> str:
+        # grain checks a restored iterator state against repr(source): identify the clip list by content.
+        digest = hashlib.sha1("\n".join(e.path for e in self.entries).encode()).hexdigest()[:16]
+        return f"ClipSource(clips={len(self.entries)}, sha1={digest})"
+
+
+def read_segment(path: str, seconds: float, crop: str, rng: np.random.Generator) -> tuple[np.ndarray, int]:
+    """Mono float32 segment of at most ``seconds`` (at the file's rate) and the file's rate."""
+    info = sf.info(path)
+    frames = int(info.samplerate * seconds)
+    if info.frames > frames:
+        start = int(rng.integers(0, info.frames - frames + 1)) if crop == "random" else 0
+        data, _ = sf.read(path, start=start, frames=frames, dtype="float32", always_2d=True)
+        wav = to_mono(data.T)
+        if not np.all(np.isfinite(wav)):
+            raise ValueError(f"{path}: the audio holds NaN or infinite samples")
+    else:
+        data, _ = load_audio(path)
+        wav = to_mono(data)
+    if wav.size == 0:
+        raise ValueError(f"{path}: no samples")
+    return wav, info.samplerate
+
+
+def volume_norm(wav: np.ndarray, sample_rate: int, target_lufs: float, threshold: float) -> np.ndarray:
+    """Reference ``VolumeNorm`` with a given target (B.4)."""
+    if np.mean(wav.astype(np.float64) ** 2) < threshold:
+        return wav
+    loudness = pyloudnorm.Meter(sample_rate).integrated_loudness(wav.astype(np.float64))
+    if np.isfinite(loudness):
+        wav = wav * np.float32(10.0 ** ((target_lufs - loudness) / 20.0))
+    peak = np.max(np.abs(wav))
+    if peak > 1.0:
+        wav = wav * np.float32(0.95 / peak)
+    return wav.astype(np.float32)
+
+
+class LoadClip(grain.transforms.RandomMap):
+    """``(index, entry)`` -> ``{"wav": (S,), "length": ()}``, replacing unreadable clips by the next ones."""
+
+    def __init__(self, entries: list[ClipEntry], config: DataConfig):
+        self.entries = entries
+        self.config = config
+
+    def random_map(self, record: tuple[int, ClipEntry], rng: np.random.Generator) -> dict[str, np.ndarray]:
+        index, entry = record
+        for attempt in range(len(self.entries)):
+            if attempt:
+                entry = self.entries[(index + attempt) % len(self.entries)]
+            try:
+                return self.load(entry.path, rng)
+            except Exception as err:  # a corrupt clip must never stop training
+                log.warning("skipping unreadable clip %s: %s", entry.path, err)
+        raise RuntimeError("no clip of the training data could be read")
+
+    def load(self, path: str, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        c = self.config
+        wav, rate = read_segment(path, c.segment_seconds, c.crop, rng)
+        target = c.loudness_target_lufs + rng.uniform(-c.loudness_jitter_lu, c.loudness_jitter_lu)
+        valid = min(int(round(wav.size * c.sample_rate / rate)), c.segment_samples)
+        frames = int(rate * c.segment_seconds)
+        wav = np.pad(wav, (0, frames - wav.size))
+        if rate != c.sample_rate:
+            with jax.default_device(jax.local_devices(backend="cpu")[0]):
+                wav = np.asarray(resample(wav, rate, c.sample_rate))
+        wav = np.pad(wav[: c.segment_samples], (0, max(0, c.segment_samples - wav.size)))
+        if c.normalize_loudness:
+            wav = volume_norm(wav, c.sample_rate, target, c.loudness_energy_threshold)
+        return {"wav": wav.astype(np.float32), "length": np.int32(valid)}
+
+
+def make_loader(source: str | Path, config: DataConfig, seed: int, *, shuffle: bool | None = None,
+                num_epochs: int | None = None) -> grain.DataLoader:
+    """grain ``DataLoader`` yielding this host's batches (``global_batch_size / process_count`` rows).
+
+    ``num_epochs=None`` repeats forever. Iterate ``iter(loader)``; the iterator's ``get_state`` /
+    ``set_state`` are what the checkpoint stores.
+    """
+    entries = read_source(source, config.extensions)
+    hosts = jax.process_count()
+    if config.global_batch_size % hosts:
+        raise ValueError(f"global_batch_size={config.global_batch_size} not divisible by {hosts} hosts")
+    sampler = grain.samplers.IndexSampler(
+        num_records=len(entries), shard_options=grain.sharding.ShardByJaxProcess(drop_remainder=True),
+        shuffle=config.shuffle if shuffle is None else shuffle, num_epochs=num_epochs, seed=seed)
+    return grain.DataLoader(
+        data_source=ClipSource(entries), sampler=sampler,
+        operations=[LoadClip(entries, config),
+                    grain.transforms.Batch(config.global_batch_size // hosts, drop_remainder=True)],
+        worker_count=config.worker_count, worker_buffer_size=config.worker_buffer_size)
+
+
+def dataset_size(source: str | Path, config: DataConfig) -> int:
+    return len(read_source(source, config.extensions))

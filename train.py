@@ -1,0 +1,202 @@
+"""Train ALMTokenizer2 (or the toy stand-in task) with sharded, jit-compiled steps.
+
+    python train.py --config configs/train_tiny.yaml --workdir runs/tiny [--steps N] [--resume] \\
+        [--multihost] [--export DIR] [key=value ...]
+
+``--steps N``: the number of optimizer steps to reach (a resumed run continues up to N); it does not
+change the learning-rate schedule, whose horizon comes from the config (``schedule.total_steps``, else
+``steps``, else ``epochs``). ``key=value`` overrides use dotted config keys
+(``optimizer.learning_rate=3e-4``).
+Everything goes under ``--workdir``: ``config.yaml`` (resolved), ``metrics.jsonl``, ``sharding.json``,
+``checkpoints/``, ``tensorboard/``, ``samples/``. Multi-host launch: see :mod:`almtok_jax.train.sharding`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import yaml
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
+
+from almtok_jax.config import load_yaml, override, save_yaml
+from almtok_jax.train import checkpoint as ckpt_lib
+from almtok_jax.train import data as data_lib
+from almtok_jax.train import sharding as shard_lib
+from almtok_jax.train.config import TrainConfig
+from almtok_jax.train.logging import TrainLogger, setup_console
+from almtok_jax.train.state import (
+    build_task,
+    decay_mask,
+    init_train_state,
+    make_eval_step,
+    make_optimizer,
+    make_schedule,
+    make_train_step,
+    path_names,
+)
+
+log = logging.getLogger("almtok_jax.train")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="training config YAML (configs/train_*.yaml)")
+    parser.add_argument("--workdir", required=True, help="checkpoints, logs and metrics go here")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps to reach (total)")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    parser.add_argument("--multihost", action="store_true", help="call jax.distributed.initialize()")
+    parser.add_argument("--export", default=None, help="write the trained weights as a model directory")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value config overrides")
+    return parser.parse_args(argv)
+
+
+def put_global(tree: object, shardings: object) -> object:
+    """Host NumPy arrays (the same on every host) -> global arrays with the given shardings."""
+    return jax.tree.map(
+        lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda idx: np.asarray(x)[idx]),
+        tree, shardings)
+
+
+def model_config_text(config: TrainConfig) -> str:
+    if config.model == "toy":
+        return yaml.safe_dump({"model": "toy"})
+    return Path(config.model).read_text()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    setup_console()
+    shard_lib.maybe_initialize_distributed(args.multihost)
+    config = override(load_yaml(TrainConfig, args.config), args.overrides)
+    workdir = Path(args.workdir)
+    primary = jax.process_index() == 0
+    if primary:
+        workdir.mkdir(parents=True, exist_ok=True)
+        save_yaml(config, workdir / "config.yaml")
+    if config.precision.matmul_precision != "default":
+        jax.config.update("jax_default_matmul_precision", config.precision.matmul_precision)
+
+    mesh = shard_lib.make_mesh(config.mesh)
+    num_clips = data_lib.dataset_size(config.data.train, config.data)
+    total_steps = args.steps if args.steps is not None else config.total_steps(num_clips)
+    schedule = make_schedule(config.schedule, config.optimizer.learning_rate,
+                             config.schedule_steps(num_clips), config.warmup_steps(num_clips))
+    log.info("mesh %s over %d devices; %d clips; %d steps (schedule horizon %d, warmup %d)",
+             dict(mesh.shape), mesh.size, num_clips, total_steps, config.schedule_steps(num_clips),
+             config.warmup_steps(num_clips))
+
+    task = build_task(config.model, config)
+    names = task.param_names or path_names
+    optimizer = make_optimizer(config.optimizer, lambda p: decay_mask(names(p), config.optimizer.no_decay))
+    rows = config.data.global_batch_size
+    batch_shapes = {"wav": jax.ShapeDtypeStruct((rows, config.data.segment_samples), jnp.float32),
+                    "length": jax.ShapeDtypeStruct((rows,), jnp.int32)}
+
+    def init() -> tuple:
+        zeros = {k: jnp.zeros(s.shape, s.dtype) for k, s in batch_shapes.items()}
+        return init_train_state(task, optimizer, config.seed, zeros)
+
+    abstract_state, abstract_frozen = jax.eval_shape(init)
+    state_sh = shard_lib.state_shardings(abstract_state, mesh, config.sharding)
+    frozen_sh = shard_lib.tree_shardings(abstract_frozen, mesh, config.sharding.frozen,
+                                         config.sharding.min_shard_size)
+    batch_sh = {k: shard_lib.batch_sharding(mesh) for k in batch_shapes}
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    train_iter = iter(data_lib.make_loader(config.data.train, config.data, config.seed))
+    checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", config.checkpoint)
+    state, frozen = jax.jit(init, out_shardings=(state_sh, frozen_sh))()
+    if config.init != "random":
+        variables, _ = ckpt_lib.load_model_dir(config.init)
+        frozen = put_global(variables["frozen"], frozen_sh)
+        if "trainable" in variables:
+            state = state.replace(trainable=put_global(variables["trainable"], state_sh.trainable))
+        if "extra" in variables:
+            state = state.replace(extra=put_global(variables["extra"], state_sh.extra))
+    if args.resume and checkpointer.latest_step() is not None:
+        target = ckpt_lib.abstract_with_shardings(abstract_state, state_sh)
+        state = checkpointer.restore(target, train_iter)
+        log.info("resumed from step %d", int(state.step))
+
+    if primary:
+        report = {name: shard_lib.describe(tree) for name, tree in
+                  (("trainable", state.trainable), ("extra", state.extra), ("frozen", frozen))}
+        (workdir / "sharding.json").write_text(json.dumps(report, indent=1))
+
+    train_step = jax.jit(make_train_step(task, optimizer, schedule, config),
+                         in_shardings=(state_sh, frozen_sh, batch_sh), out_shardings=(state_sh, replicated),
+                         donate_argnums=(0,))
+    seconds_per_step = config.data.global_batch_size * config.data.segment_seconds
+    logger = TrainLogger(workdir, config.logging.tensorboard, audio_seconds_per_step=seconds_per_step)
+    hooks = EvalHooks(config, task, mesh, state_sh, frozen_sh, batch_sh, logger)
+
+    start = step = int(state.step)
+    while step < total_steps:
+        batch = shard_lib.global_batch(next(train_iter), mesh)
+        state, metrics = train_step(state, frozen, batch)
+        step += 1
+        if step % config.logging.every == 0 or step == total_steps:
+            logger.log_train(step, jax.device_get(metrics))
+        if step == start + 1:
+            jax.block_until_ready(metrics)
+            logger.start(step)  # throughput figures leave out the first step (compilation)
+        if step % config.checkpoint.every == 0 or step == total_steps:
+            checkpointer.save(step, state, train_iter)
+        hooks(step, state, frozen, batch)
+    checkpointer.close()
+    if args.export:
+        ckpt_lib.export_params(args.export, state.trainable, frozen, model_config_text(config),
+                               extra=state.extra)
+    logger.close()
+
+
+class EvalHooks:
+    """Validation loss every ``validation.every`` steps; reconstruction samples every ``samples_every``."""
+
+    def __init__(self, config: TrainConfig, task, mesh, state_sh, frozen_sh, batch_sh, logger: TrainLogger):
+        self.config, self.task, self.mesh, self.logger = config, task, mesh, logger
+        v = config.validation
+        self.loaders = {Path(p).stem: data_lib.make_loader(p, config.data, config.seed, shuffle=False,
+                                                           num_epochs=1) for p in v.lists} if v.every else {}
+        replicated = NamedSharding(mesh, PartitionSpec())
+        self.eval_step = jax.jit(make_eval_step(task), out_shardings=replicated,
+                                 in_shardings=(state_sh, frozen_sh, batch_sh, replicated))
+        self.reconstruct = None
+        if v.samples_every and task.reconstruct_fn is not None:
+            self.reconstruct = jax.jit(task.reconstruct_fn)
+        self.rng = jax.random.key(config.seed + 1)
+
+    def __call__(self, step: int, state, frozen, batch) -> None:
+        v = self.config.validation
+        if v.every and step % v.every == 0:
+            for name, loader in self.loaders.items():
+                totals, count = {}, 0
+                for local in loader:
+                    val_batch = shard_lib.global_batch(local, self.mesh)
+                    metrics = jax.device_get(self.eval_step(state, frozen, val_batch, self.rng))
+                    totals = {k: totals.get(k, 0.0) + float(m) for k, m in metrics.items()}
+                    count += 1
+                    if count == v.batches:
+                        break
+                if count:
+                    self.logger.log_eval(step, name, {k: t / count for k, t in totals.items()})
+                else:
+                    log.warning("validation list %s yields no full batch", name)
+        if self.reconstruct is not None and step % v.samples_every == 0:
+            wav = batch["wav"]
+            rec = self.reconstruct(state.trainable, frozen, state.extra, wav, self.rng)
+            rec, ref = (multihost_utils.process_allgather(x, tiled=True)[: v.num_samples] for x in (rec, wav))
+            self.logger.write_samples(step, rec, ref, self.config.data.sample_rate)
+
+
+if __name__ == "__main__":
+    main()
+
