@@ -30,8 +30,16 @@ from almtok_jax.experts.musicfm import MusicFM, musicfm_rules
 from almtok_jax.experts.musicfm import variable_shapes as musicfm_shapes
 from almtok_jax.experts.wavlm import WavLMExpert, min_input_samples, wavlm_expert_rules
 from almtok_jax.experts.whisper import WhisperEncoder, whisper_feature, whisper_rules
-from almtok_jax.flow.cfm import (SamplerConfig, cfm_rules, cfm_shapes, estimator_variables, fill_padding,
-                                 incontext_latents, inference_masks, sample)
+from almtok_jax.flow.cfm import (
+    SamplerConfig,
+    cfm_rules,
+    cfm_shapes,
+    estimator_variables,
+    fill_padding,
+    incontext_latents,
+    inference_masks,
+    sample,
+)
 from almtok_jax.flow.dit import DiTEstimator
 from almtok_jax.mapping import MappingError, Rule, canonical_key, convert_state_dict, prefixed
 from almtok_jax.quantizer.query import QueryQuantizer, quantizer_rules

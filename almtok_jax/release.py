@@ -83,7 +83,8 @@ def check_release_configs(folder: Path, train_args: dict, config: ALMTokenizer2C
             "num_layers": (d.get("num_layers"), c.num_layers),
             "num_attention_heads": (d.get("num_attention_heads"), c.num_attention_heads),
             "attention_head_dim": (d.get("attention_head_dim"), c.attention_head_dim),
-            "in_channels": (d.get("in_channels"), c.in_channels), "out_channels": (d.get("out_channels"), c.out_channels),
+            "in_channels": (d.get("in_channels"), c.in_channels),
+            "out_channels": (d.get("out_channels"), c.out_channels),
             "num_positional_embeddings": (d.get("num_positional_embeddings", 3000), c.num_positional_embeddings)})
     if problems:
         raise ReleaseError(f"{folder} does not match the config:\n  " + "\n  ".join(problems))

@@ -23,8 +23,17 @@ import numpy as np
 from almtok_jax.audio import AudioError, resample
 from almtok_jax.config import ALMTokenizer2Config, from_dict
 from almtok_jax.model import FROZEN, decode_latents, encode_segments, generate_latents
-from almtok_jax.pipeline import (Compat, PipelineConfig, WindowPlan, check_compat, cross_fade, num_tokens,
-                                 plan_windows, segment_audio, window_codes)
+from almtok_jax.pipeline import (
+    Compat,
+    PipelineConfig,
+    WindowPlan,
+    check_compat,
+    cross_fade,
+    num_tokens,
+    plan_windows,
+    segment_audio,
+    window_codes,
+)
 
 TOKEN_OFFSET = 10000  # the reference's per-codebook offset in tokenize2 (not the codebook size)
 
@@ -204,8 +213,9 @@ class ALMTokenizer2:
         windows = [window_codes(np.asarray(c), p) for c, p in zip(codes, plans, strict=True)]
         frames, channels = plans[0].latent_frames, self.config.dit.out_channels
         key = jax.random.PRNGKey(seed)
-        x0 = [np.asarray(noise[i], np.float32) if noise[i] is not None else np.asarray(
-            jax.random.normal(jax.random.fold_in(key, i), (p.num_windows, frames, channels))) for i, p in enumerate(plans)]
+        x0 = [np.asarray(noise[i], np.float32) if noise[i] is not None else
+              np.asarray(jax.random.normal(jax.random.fold_in(key, i), (p.num_windows, frames, channels)))
+              for i, p in enumerate(plans)]
         for i, p in enumerate(plans):
             if x0[i].shape != (p.num_windows, frames, channels):
                 raise ValueError(f"noise for clip {i} must be {(p.num_windows, frames, channels)}, got {x0[i].shape}")
@@ -227,11 +237,16 @@ class ALMTokenizer2:
         results = []
         for i, p in enumerate(plans):
             lat = np.stack(latents[i])
-            wavs = np.asarray(decode_latents(self.variables, jnp.asarray(lat), self.config))[:, : p.wave_window]
-            results.append({"wave": cross_fade(list(wavs), p, self.compat), "latents": lat, "window_wavs": wavs,
+            wavs, wave = self.render(lat, p)
+            results.append({"wave": wave, "latents": lat, "window_wavs": wavs,
                             "prompts": np.stack(prompts[i]) if prompts[i] else np.zeros((0, 0, channels), np.float32),
                             "window_codes": windows[i], "plan": p})
         return results
+
+    def render(self, latents: np.ndarray, plan: WindowPlan) -> tuple[np.ndarray, np.ndarray]:
+        """Window latents ``(K, T_w, C)`` -> SQ-decoded windows ``(K, S)`` and their cross-fade ``(N,)``."""
+        wavs = np.asarray(decode_latents(self.variables, jnp.asarray(latents), self.config))[:, : plan.wave_window]
+        return wavs, cross_fade(list(wavs), plan, self.compat)
 
     def decode(self, codes: np.ndarray, steps: int | None = None, guidance: float | None = None, seed: int = 0,
                noise: np.ndarray | None = None, length: int | None = None) -> np.ndarray:

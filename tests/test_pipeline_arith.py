@@ -6,8 +6,15 @@ import numpy as np
 import pytest
 from conftest import FIXTURES
 
-from almtok_jax.pipeline import (PipelineConfig, cross_fade, num_segments, num_tokens, plan_windows,
-                                 segment_audio, window_codes)
+from almtok_jax.pipeline import (
+    PipelineConfig,
+    cross_fade,
+    num_segments,
+    num_tokens,
+    plan_windows,
+    segment_audio,
+    window_codes,
+)
 
 CFG = PipelineConfig()
 

@@ -1,0 +1,79 @@
+"""Golden handler for ``release_tiny/expected.npz``: the whole tokenize/detokenize pipeline, release mode.
+
+The release folder beside ``expected.npz`` is read with the project's reader and converter, with the
+architecture of ``configs/tiny_release.yaml``. Only the x0 draws of the decode noise influence the result
+(README §5): draw ``2k + 1`` of a clip is window k's initial state; the other draws are never used.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from almtok_jax.config import load_model_config
+from almtok_jax.golden.runner import Fixture
+from almtok_jax.model import convert_checkpoint
+from almtok_jax.pipeline import PipelineConfig, num_segments, num_tokens, plan_windows
+from almtok_jax.release import read_release
+from almtok_jax.sqcodec import quantize
+from almtok_jax.tokenizer import ALMTokenizer2
+
+
+def _clips(fx: Fixture) -> list[str]:
+    return sorted(k[len("audio_"):] for k in fx.inputs if k.startswith("audio_"))
+
+
+def _arithmetic(fx: Fixture, cfg: PipelineConfig) -> dict[str, np.ndarray]:
+    lens = fx.inputs["arith_audio_len"]
+    plans = [plan_windows(int(n), cfg, "release") for n in fx.inputs["arith_codes_len"]]
+    return {
+        "arith_out_len": np.array([num_tokens(int(n), cfg, "release") for n in lens]),
+        "arith_n_segments": np.array([num_segments(int(n), cfg, "release") for n in lens]),
+        "arith_n_windows": np.array([p.num_windows for p in plans]),
+        "arith_padded_len": np.array([p.padded_len for p in plans]),
+        "arith_crash": np.array([int(p.crashes) for p in plans]),
+        "arith_wave_len": np.array([-1 if p.crashes else p.target_len for p in plans]),
+    }
+
+
+def _level_flips_allowed(ours: np.ndarray, fx: Fixture, clip: str) -> bool:
+    """Our SQ levels differ from the reference's only at latents it lists as within 1.1e-4 of a boundary."""
+    differ = np.argwhere(np.asarray(quantize(ours)) != np.asarray(quantize(fx.expected[f"dec_latents_{clip}"])))
+    allowed = {tuple(p) for p in fx.expected.get(f"dec_sq_near_boundary_{clip}", np.zeros((0, 3))).tolist()}
+    return len(differ) > 0 and all(tuple(p) in allowed for p in differ.tolist())
+
+
+def release_e2e(fx: Fixture) -> dict[str, np.ndarray]:
+    config = load_model_config("tiny_release")
+    release = read_release(fx.path.parent, config)
+    tok = ALMTokenizer2(convert_checkpoint(release.model_state, release.codec_state, config,
+                                           source=str(release.folder)), config, compat="release")
+    steps = int(fx.inputs["num_steps"])
+    outputs = _arithmetic(fx, config.pipeline)
+    for clip in _clips(fx):
+        audio = fx.inputs[f"audio_{clip}"]
+        wav = tok.to_model_rate(audio.mean(axis=0), int(fx.inputs[f"sr_{clip}"]))
+        enc = tok.encode_clips([wav])[0]
+        num_windows = plan_windows(enc["codes"].shape[-1], config.pipeline, "release").num_windows
+        x0 = np.stack([fx.inputs[f"noise_{clip}_{2 * k + 1:03d}"][0] for k in range(num_windows)])
+        dec = tok.decode_clips([enc["codes"]], steps=steps, guidance=config.sampler.guidance_scale, noise=[x0])[0]
+        plan = dec["plan"]
+        wave = dec["wave"]
+        if _level_flips_allowed(dec["latents"], fx, clip):
+            # README §6: a latent within 1.1e-4 of an SQ rounding boundary may round the other way; the
+            # waveform check then isolates the codec and cross-fade on the reference's latents.
+            wave = tok.render(fx.expected[f"dec_latents_{clip}"], plan)[1]
+        s, s_o = plan.wave_window, plan.wave_overlap
+        overlaps = [np.stack([dec["window_wavs"][k][s - s_o: s], dec["window_wavs"][k + 1][:s_o]])
+                    for k in range(num_windows - 1)]
+        outputs |= {
+            f"audio24k_{clip}": wav[None],
+            f"enc_total_feature_{clip}": enc["features"], f"enc_query_{clip}": enc["query"],
+            f"enc_indices_{clip}": enc["indices"], f"codes_{clip}": enc["codes"][None],
+            f"dec_codes_padded_{clip}": enc["codes"][None][..., np.arange(plan.padded_len) % enc["codes"].shape[-1]],
+            f"dec_window_codes_{clip}": dec["window_codes"],
+            f"dec_incontext_length_{clip}": np.array([0] + [plan.prompt_frames] * (num_windows - 1)),
+            f"dec_latents_{clip}": dec["latents"], f"wave_{clip}": wave[None],
+        }
+        if num_windows > 1:
+            outputs |= {f"dec_prompt_{clip}": dec["prompts"], f"dec_window_overlap_{clip}": np.stack(overlaps)}
+    return outputs
