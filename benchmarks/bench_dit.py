@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import resource
 import statistics
 import sys
 import time
@@ -23,6 +22,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from common import peak_rss_mib, random_variables, timed  # noqa: E402
 
 from almtok_jax.flow.cfm import SamplerConfig, cfm_rules, cfm_shapes, estimator_variables, make_sampler  # noqa: E402
 from almtok_jax.flow.dit import (  # noqa: E402
@@ -39,21 +40,12 @@ from almtok_jax.mapping import Rule, convert_state_dict, prefixed  # noqa: E402
 FIXTURES = REPO.parent / "shared" / "fixtures" / "core"
 
 
-def _timed(fn, *args, repeats: int) -> list[float]:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return times
-
-
 def matmul_gflops(n: int = 2048, repeats: int = 3) -> float:
     """Best-of-``repeats`` fp32 ``(n, n) @ (n, n)`` throughput, the machine's reference GFLOP/s."""
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
     mm = jax.jit(lambda x, y: x @ y)
     jax.block_until_ready(mm(a, a))
-    return 2 * n**3 / min(_timed(mm, a, a, repeats=repeats)) / 1e9
+    return 2 * n**3 / min(timed(mm, a, a, repeats=repeats)[0]) / 1e9
 
 
 def forward_flops(config: DiTConfig, batch: int, frames: int) -> float:
@@ -67,20 +59,17 @@ def forward_flops(config: DiTConfig, batch: int, frames: int) -> float:
     return batch * (proj_in + blocks + proj_out + timestep)
 
 
-def random_variables(config: DiTConfig, frames: int) -> dict:
+def dit_random_variables(config: DiTConfig, frames: int) -> dict:
     """Full-size estimator variables: eval_shape + N(0, 0.02) leaves, the real position table."""
-    shapes = init_shapes(config, frames)
-    leaves, tree = jax.tree_util.tree_flatten(shapes["params"])
-    keys = jax.random.split(jax.random.key(0), len(leaves))
-    params = [0.02 * jax.random.normal(k, s.shape, s.dtype) for k, s in zip(keys, leaves, strict=True)]
-    pe = jnp.asarray(sinusoidal_table(config.num_positional_embeddings, config.inner_dim))
-    return {"params": jax.tree_util.tree_unflatten(tree, params), "buffers": {"pos_embed": {"pe": pe}}}
+    pe = sinusoidal_table(config.num_positional_embeddings, config.inner_dim)
+    return random_variables(init_shapes(config, frames), jax.random.key(0),
+                            fixed={"buffers": {"pos_embed": {"pe": pe}}})
 
 
 def speed(frames: int, repeats: int) -> None:
     config = DiTConfig()
     model = DiTEstimator(config)
-    variables = random_variables(config, frames)
+    variables = dit_random_variables(config, frames)
     run = make_sampler(model, SamplerConfig(num_steps=1))
     key = jax.random.split(jax.random.key(1), 3)
     cond = jax.random.normal(key[0], (1, frames, config.cond_dim))
@@ -98,7 +87,7 @@ def speed(frames: int, repeats: int) -> None:
     flops = forward_flops(config, 2, frames)
     memory = compiled.memory_analysis()
     jax.block_until_ready(compiled(*args))  # warm-up: first touch of the weight buffers, thread pools
-    times = _timed(compiled, *args, repeats=repeats)
+    times, _ = timed(compiled, *args, repeats=repeats)
     step_s = statistics.median(times)
     ref = matmul_gflops()
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(variables["params"]))
@@ -114,7 +103,7 @@ def speed(frames: int, repeats: int) -> None:
         print(f"compiled memory: arguments {memory.argument_size_in_bytes / 2**30:.2f} GiB, temporaries "
               f"{memory.temp_size_in_bytes / 2**30:.2f} GiB, "
               f"outputs {memory.output_size_in_bytes / 2**20:.1f} MiB")
-    print(f"peak process RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
+    print(f"peak process RSS: {peak_rss_mib() / 1024:.2f} GiB")
 
 
 def _sampler_fixture():

@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -25,6 +23,8 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common import peak_rss_mib, run_child_process, timed  # noqa: E402
 
 from almtok_jax.audio import LogMelConfig, Resampler, whisper_log_mel  # noqa: E402
 from almtok_jax.experts.fusion import ExpertFusion, FusionConfig  # noqa: E402
@@ -111,16 +111,12 @@ def run_child(batch: int, seconds: float, repeats: int) -> dict:
     t0 = time.perf_counter()
     compiled = jax.jit(extract_features).lower(variables, wav).compile()
     compile_s = time.perf_counter() - t0
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = jax.block_until_ready(compiled(variables, wav))
-        times.append(time.perf_counter() - t0)
+    times, out = timed(compiled, variables, wav, repeats=repeats)
     shapes = [list(x.shape) for x in jax.tree.leaves(out)]
     return {"batch": batch, "num_samples": num_samples, "seconds_per_segment": num_samples / SAMPLE_RATE,
             "parts": parts, "n_variables_floats": int(n_params), "init_s": init_s, "compile_s": compile_s,
             "run_s": times, "run_s_min": min(times), "output_shapes": shapes,
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mib": peak_rss_mib()}
 
 
 def main() -> None:
@@ -136,10 +132,8 @@ def main() -> None:
         return
     results = []
     for batch in args.batch:
-        cmd = [sys.executable, __file__, "--child", str(batch), "--seconds", str(args.seconds),
-               "--repeats", str(args.repeats)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        results.append(run_child_process(__file__, ["--child", str(batch), "--seconds", str(args.seconds),
+                                                    "--repeats", str(args.repeats)]))
     report = {"device": str(jax.devices()[0]), "cpu": platform.processor() or platform.machine(),
               "dtype": "float32", "weights": "random, full-size architecture", "results": results}
     text = json.dumps(report, indent=1)
