@@ -155,3 +155,13 @@ def test_output_is_not_overwritten_without_force(checkpoint, capsys):
     assert rc == 1
     assert "not empty" in capsys.readouterr().err
     assert (checkpoint / "config.yaml").is_file()
+
+
+def test_tiny_preset_is_the_release_fixture_architecture(expected):
+    import json
+
+    from almtok_jax.config import load_model_config
+    from almtok_jax.golden.release import config_from_arch
+
+    arch = json.loads(str(expected["meta"]))["config"]["arch"]
+    assert config_from_arch(arch) == load_model_config(TINY)

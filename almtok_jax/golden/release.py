@@ -7,15 +7,51 @@ architecture of ``configs/tiny_release.yaml``. Only the x0 draws of the decode n
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
-from almtok_jax.config import load_model_config
+from almtok_jax.config import (
+    ALMTokenizer2Config,
+    DiTConfig,
+    ExpertsConfig,
+    FusionConfig,
+    SQCodecConfig,
+    WavLMConfig,
+    WhisperConfig,
+)
 from almtok_jax.golden.runner import Fixture
 from almtok_jax.model import convert_checkpoint
 from almtok_jax.pipeline import PipelineConfig, num_segments, num_tokens, plan_windows
 from almtok_jax.release import read_release
 from almtok_jax.sqcodec import quantize
 from almtok_jax.tokenizer import ALMTokenizer2
+
+
+def config_from_arch(arch: dict) -> ALMTokenizer2Config:
+    """The model config of a release fixture from its ``meta["config"]["arch"]`` (every size it varies);
+    everything the fixture does not list keeps the released value."""
+    full = ALMTokenizer2Config()
+    mf, dim = arch["musicfm"], arch["codec_dim"]
+    musicfm = dataclasses.replace(
+        full.experts.musicfm, conv_dim=mf["conv_dim"], encoder_dim=mf["encoder_dim"], encoder_depth=mf["encoder_depth"],
+        num_heads=mf["w2v2_overrides"]["num_attention_heads"], ffn_dim=mf["w2v2_overrides"]["intermediate_size"],
+        output_layers=tuple(mf["layers"]))
+    whisper = WhisperConfig.from_hf_config(arch["whisper"])
+    wavlm = WavLMConfig.from_hf(arch["wavlm"])
+    q, rvq, pron = full.quantizer, arch["rvq"], arch["pron"]
+    quantizer = dataclasses.replace(
+        q, block=dataclasses.replace(q.block, dim=dim, dim_heads=arch["dim_heads"]), encoder_depth=arch["enc_blocks"],
+        decoder_depth=arch["dec_blocks"], interval=arch["interval"],
+        rvq=dataclasses.replace(q.rvq, **{k: rvq[k] for k in ("dim", "codebook_size", "codebook_dim", "num_quantizers",
+                                                                "decay", "commitment_weight")}),
+        pronunciation=dataclasses.replace(q.pronunciation, output_channels=pron["output_channels"],
+                                          decode_channels=pron["decode_channels"], strides=tuple(pron["strides"])))
+    dit = DiTConfig.from_fixture({"dit": arch["dit"]})
+    return dataclasses.replace(
+        full, experts=ExpertsConfig(full.experts.logmel, whisper, wavlm, musicfm),
+        fusion=FusionConfig(whisper.d_model, wavlm.hidden_size, musicfm.encoder_dim, dim), quantizer=quantizer,
+        dit=dit, sqcodec=SQCodecConfig.from_dict(arch["sq"]))
 
 
 def _clips(fx: Fixture) -> list[str]:
@@ -43,7 +79,7 @@ def _level_flips_allowed(ours: np.ndarray, fx: Fixture, clip: str) -> bool:
 
 
 def release_e2e(fx: Fixture) -> dict[str, np.ndarray]:
-    config = load_model_config("tiny_release")
+    config = config_from_arch(fx.config["arch"])
     release = read_release(fx.path.parent, config)
     tok = ALMTokenizer2(convert_checkpoint(release.model_state, release.codec_state, config,
                                            source=str(release.folder)), config, compat="release")
