@@ -165,3 +165,24 @@ def test_tiny_preset_is_the_release_fixture_architecture(expected):
 
     arch = json.loads(str(expected["meta"]))["config"]["arch"]
     assert config_from_arch(arch) == load_model_config(TINY)
+
+
+def test_readme_main_job_commands_run_offline(tmp_path):
+    """The README's quick-start command (after the install step) runs as written on the tiny release."""
+    import re
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    readme = (repo / "README.md").read_text()
+    block = re.search(r"Set up and run the main job.*?```bash\n(.*?)```", readme, re.S).group(1)
+    steps = [c.strip() for c in block.strip().split("&&")]
+    assert steps[0].startswith("python3 -m venv") and "pip install" in steps[1]
+    outputs = [repo / "checkpoints" / "tiny", repo / "out" / "p225_001.wav", repo / "out" / "p225_001.codes.npy"]
+    for step in steps[2:]:
+        argv = step.split()
+        assert argv[0] == ".venv/bin/python"
+        subprocess.run([sys.executable, *argv[1:]], cwd=repo, check=True, timeout=600)
+    assert all(p.exists() for p in outputs)
+    wave, sr = sf.read(outputs[1])
+    assert sr == 24000 and len(wave) == len(sf.read(AUDIO / "speech" / "p225_001.wav")[0])
