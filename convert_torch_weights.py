@@ -45,9 +45,8 @@ def convert(release: Path, out: Path, config_path: Path, force: bool = False) ->
     """Read, validate and write; returns the output folder."""
     import yaml
 
-    from almtok_jax.model import convert_checkpoint
+    from almtok_jax.model import convert_checkpoint, split_variables
     from almtok_jax.release import read_release
-    from almtok_jax.tokenizer import split_variables
     from almtok_jax.train.checkpoint import save_model_dir
 
     if out.exists() and any(out.iterdir()) and not force:

@@ -115,12 +115,12 @@ def main(argv: list[str] | None = None) -> None:
     checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", config.checkpoint)
     state, frozen = jax.jit(init, out_shardings=(state_sh, frozen_sh))()
     if config.init != "random":
-        variables, _ = ckpt_lib.load_model_dir(config.init)
-        frozen = put_global(variables["frozen"], frozen_sh)
-        if "trainable" in variables:
-            state = state.replace(trainable=put_global(variables["trainable"], state_sh.trainable))
-        if "extra" in variables:
-            state = state.replace(extra=put_global(variables["extra"], state_sh.extra))
+        if task.load_fn is None:
+            raise SystemExit(f"error: model {config.model!r} cannot start from a model directory (init)")
+        trainable, frozen_host, extra = task.load_fn(config.init)
+        frozen = put_global(frozen_host, frozen_sh)
+        state = state.replace(trainable=put_global(trainable, state_sh.trainable),
+                              extra=put_global(extra, state_sh.extra))
     if args.resume and checkpointer.latest_step() is not None:
         target = ckpt_lib.abstract_with_shardings(abstract_state, state_sh)
         state = checkpointer.restore(target, train_iter)

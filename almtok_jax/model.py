@@ -133,6 +133,22 @@ def convert_checkpoint(model_state: Mapping[str, np.ndarray], codec_state: Mappi
     return jax.tree.map(lambda a: jnp.asarray(a), variables)
 
 
+def split_variables(variables: Mapping) -> dict[str, dict]:
+    """Component variables -> the model-directory layout ``{"frozen": {...}, "trainable": {...}}``."""
+    return {"frozen": {k: v for k, v in variables.items() if k in FROZEN},
+            "trainable": {k: v for k, v in variables.items() if k not in FROZEN}}
+
+
+def merge_variables(tree: Mapping) -> dict[str, dict]:
+    """A model directory's tree (``frozen``, ``trainable`` and, from training, ``extra``) -> component
+    variables; collections of one component spread over several parts are merged."""
+    out: dict[str, dict] = {}
+    for part in ("frozen", "trainable", "extra"):
+        for component, collections in tree.get(part, {}).items():
+            out.setdefault(component, {}).update(collections)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- encode
 
 
@@ -141,18 +157,22 @@ def resample_kernel(variables: Mapping) -> Array:
     return variables["wavlm"]["buffers"]["wavlm_transfer"]["kernel"]
 
 
-def fused_features(variables: Mapping, segments: Array, config: ALMTokenizer2Config,
-                   compat: str = "default") -> Array:
-    """Encode segments ``(B, N)`` at 24 kHz -> fused 25 Hz features ``(B, T, codec_dim)`` (no gradients
-    flow into the experts: they are frozen)."""
+def expert_streams(variables: Mapping, segments: Array, config: ALMTokenizer2Config) -> tuple[Array, ...]:
+    """The frozen experts on segments ``(B, N)`` at 24 kHz: ``(whisper (B, n_len, Dw), wavlm (B, T_w, Dl),
+    acoustic, semantic (B, T_b, Db))`` (50, 50, 25, 25 Hz), without gradients."""
     e = config.experts
     wav16 = resample(segments, 24000, e.logmel.sample_rate, kernel=resample_kernel(variables))
     mel = whisper_log_mel(wav16, e.logmel)
     whisper = whisper_feature(WhisperEncoder(e.whisper).apply(variables["whisper"], mel), segments.shape[-1])
     wavlm = WavLMExpert(e.wavlm).apply(variables["wavlm"], segments)
     acoustic, semantic = MusicFM(e.musicfm).apply(variables["musicfm"], segments)
-    experts = jax.lax.stop_gradient((whisper, wavlm, acoustic, semantic))
-    return ExpertFusion(config.fusion, compat).apply(variables["fusion"], *experts)
+    return jax.lax.stop_gradient((whisper, wavlm, acoustic, semantic))
+
+
+def fused_features(variables: Mapping, streams: tuple[Array, ...], config: ALMTokenizer2Config,
+                   compat: str = "default") -> Array:
+    """Expert streams (:func:`expert_streams`) -> fused 25 Hz features ``(B, T, codec_dim)``."""
+    return ExpertFusion(config.fusion, compat).apply(variables["fusion"], *streams)
 
 
 @partial(jax.jit, static_argnames=("config", "compat"))
@@ -160,7 +180,7 @@ def encode_segments(variables: Mapping, segments: Array, config: ALMTokenizer2Co
                     compat: str = "default") -> dict[str, Array]:
     """``(B, N)`` 24 kHz segments -> ``codes (B, T/2, Q)`` int32 at 12.5 Hz, with ``features`` (25 Hz) and
     ``query`` (the RVQ input). One compilation per segment shape."""
-    features = fused_features(variables, segments, config, compat)
+    features = fused_features(variables, expert_streams(variables, segments, config), config, compat)
     quantizer = QueryQuantizer(config.quantizer)
     query = quantizer.apply(variables["quantizer"], features, method="encoder_sequence")["query"]
     codes, _ = quantizer.apply(variables["quantizer"], features, method="quantize")

@@ -22,7 +22,7 @@ import numpy as np
 
 from almtok_jax.audio import AudioError, resample
 from almtok_jax.config import ALMTokenizer2Config, from_dict
-from almtok_jax.model import FROZEN, decode_latents, encode_segments, generate_latents
+from almtok_jax.model import decode_latents, encode_segments, generate_latents, merge_variables
 from almtok_jax.pipeline import (
     Compat,
     PipelineConfig,
@@ -48,17 +48,6 @@ def _bucket(n: int, cap: int) -> int:
 
 def _pad_batch(x: np.ndarray, size: int) -> np.ndarray:
     return np.concatenate([x, np.zeros((size - x.shape[0], *x.shape[1:]), x.dtype)]) if x.shape[0] < size else x
-
-
-def split_variables(variables: dict) -> dict[str, dict]:
-    """Component variables -> ``{"frozen": {...}, "trainable": {...}}`` (the model-directory layout)."""
-    return {"frozen": {k: v for k, v in variables.items() if k in FROZEN},
-            "trainable": {k: v for k, v in variables.items() if k not in FROZEN}}
-
-
-def merge_variables(tree: dict) -> dict:
-    """Inverse of :func:`split_variables`."""
-    return {**tree.get("frozen", {}), **tree.get("trainable", {})}
 
 
 def flatten(codes: np.ndarray, offset: int = TOKEN_OFFSET) -> np.ndarray:

@@ -2,15 +2,21 @@
 
     python benchmarks/bench_train.py --config configs/train_toy.yaml [--steps 20] [key=value ...]
 
-Uses the task named by the config's ``model`` (the toy task until ``almtok_jax.model.train_task`` exists)
-and leaves the input pipeline out (random waveforms), so it measures the device step only. Prints one JSON
-line: compile seconds, mean step seconds, steps/s, audio-hours/s, devices, mesh.
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/bench_train.py \
+        --config configs/train_tiny.yaml mesh.data=8                      # the real task on 8 CPU devices
+
+Uses the task named by the config's ``model`` (``toy`` or a model preset: the real ALMTokenizer2 loss of
+:mod:`almtok_jax.train.task`) and leaves the input pipeline out (random waveforms), so it measures the
+device step only. Prints one JSON line: compile seconds, mean step seconds, steps/s, audio seconds and
+hours per second, peak memory (per device from the allocator where it reports it, else the host process's
+peak RSS), devices, mesh.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import time
 
 import jax
@@ -29,6 +35,14 @@ from almtok_jax.train.state import (
     make_train_step,
     path_names,
 )
+
+
+def peak_memory_gib() -> dict[str, float]:
+    """Peak bytes in use on the busiest local device (GPU/TPU allocators) and the host's peak RSS, GiB."""
+    stats = [d.memory_stats() or {} for d in jax.local_devices()]
+    device = max((s.get("peak_bytes_in_use", 0) for s in stats), default=0)
+    host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    return {"device_peak_gib": round(device / 2**30, 3), "host_peak_rss_gib": round(host / 2**30, 3)}
 
 
 def main() -> None:
@@ -70,12 +84,13 @@ def main() -> None:
         state, metrics = step(state, frozen, batch)
     jax.block_until_ready(metrics)
     step_s = (time.perf_counter() - t0) / args.steps
+    audio_s = rows * config.data.segment_seconds / step_s
     print(json.dumps({
         "model": config.model, "devices": mesh.size, "mesh": dict(mesh.shape), "global_batch": rows,
         "segment_seconds": config.data.segment_seconds, "compile_s": round(compile_s, 3),
         "step_s": round(step_s, 5), "steps_per_s": round(1 / step_s, 3),
-        "audio_hours_per_s": round(rows * config.data.segment_seconds / step_s / 3600, 5),
-        "backend": jax.default_backend(),
+        "audio_seconds_per_s": round(audio_s, 3), "audio_hours_per_s": round(audio_s / 3600, 5),
+        "loss": round(float(metrics["loss"]), 5), **peak_memory_gib(), "backend": jax.default_backend(),
     }))
 
 

@@ -105,13 +105,22 @@ def save_model_dir(directory: str | Path, variables: dict, config_yaml_text: str
     return directory
 
 
+def _restore_numpy(path: Path) -> dict:
+    """An orbax PyTree checkpoint as host NumPy arrays, whatever device topology wrote it (a training
+    export from 8 devices restores on one)."""
+    checkpointer = ocp.PyTreeCheckpointer()
+    meta = checkpointer.metadata(path)
+    tree = getattr(getattr(meta, "item_metadata", meta), "tree", meta)
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+
+
 def load_model_dir(directory: str | Path) -> tuple[dict, dict]:
     """``(variables as nested dict of NumPy arrays, config dict)`` from a :func:`save_model_dir` folder."""
     directory = Path(directory).absolute()
     if not (directory / "params").is_dir() or not (directory / "config.yaml").is_file():
         raise FileNotFoundError(f"{directory} is not a model directory (needs params/ and config.yaml)")
-    variables = ocp.StandardCheckpointer().restore(directory / "params")
-    variables = jax.tree.map(np.asarray, variables)
+    variables = _restore_numpy(directory / "params")
     config = yaml.safe_load((directory / "config.yaml").read_text()) or {}
     return variables, config
 

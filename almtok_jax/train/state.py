@@ -7,7 +7,7 @@ the loss function's output, never by the optimizer (spec ``02-quantizer.md`` §8
 
 :func:`build_task` selects the task from ``TrainConfig.model``: ``"toy"`` is a tiny waveform autoencoder
 with an EMA codebook (tests); anything else is a model preset path handed to
-``almtok_jax.model.train_task(model_config_path, config) -> Task``.
+``almtok_jax.train.task.train_task(model_config_path, config) -> Task``.
 """
 
 from __future__ import annotations
@@ -42,13 +42,16 @@ class Task:
     data pipeline's dict: ``wav`` (B, S) float32 at 24 kHz, ``length`` (B,) int32 valid samples);
     ``reconstruct_fn(trainable, frozen, extra, wav, rng) -> wav`` (optional, for audio samples);
     ``param_names(trainable) -> tree of str`` (optional): the reference (PyTorch) name of every trainable
-    leaf, used by the weight-decay rule; default: the Flax path joined with ``"."``.
+    leaf, used by the weight-decay rule; default: the Flax path joined with ``"."``;
+    ``load_fn(model_dir) -> (trainable, frozen, extra)`` as host arrays (optional): start from a model
+    directory (``init: DIR``) instead of ``init_fn``'s random values.
     """
 
     init_fn: Callable[[jax.Array, Batch], tuple[Params, Params, Params]]
     loss_fn: LossFn
     reconstruct_fn: Callable[..., jax.Array] | None = None
     param_names: Callable[[Params], Any] | None = None
+    load_fn: Callable[[str], tuple[Params, Params, Params]] | None = None
 
 
 @struct.dataclass
@@ -300,15 +303,10 @@ def toy_task(config: ToyConfig = ToyConfig()) -> Task:
 
 
 def build_task(model: str, config: TrainConfig) -> Task:
-    """``"toy"`` -> :func:`toy_task`; a model preset path -> ``almtok_jax.model.train_task(model,
-    config)``."""
+    """``"toy"`` -> :func:`toy_task`; a model preset path -> :func:`almtok_jax.train.task.train_task`."""
     if model == "toy":
         return toy_task()
-    try:
-        from almtok_jax.model import train_task
-    except ImportError as err:
-        raise NotImplementedError(
-            f"model {model!r}: the training task of the full model (almtok_jax.model.train_task) is not "
-            f"available ({err}); use model=toy") from err
+    from almtok_jax.train.task import train_task  # imports the whole model: only when it is trained
+
     return train_task(model, config)
 

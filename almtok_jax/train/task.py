@@ -1,0 +1,260 @@
+"""The ALMTokenizer2 training task: ``L = L_flow + L_commit + 0.5 · L_phone`` (spec 02 §8, 03 §4, 04 B.6).
+
+Variable trees of the :class:`~almtok_jax.train.state.Task` (component names as in :mod:`almtok_jax.model`):
+
+* ``trainable``: the ``params`` collection of ``fusion``, ``quantizer`` and ``flow`` (the optimizer's tree);
+* ``frozen``: the whole ``whisper``, ``wavlm``, ``musicfm`` and ``sqcodec`` components (== the ``frozen``
+  part of a model directory);
+* ``extra``: every other collection of the trained components: ``quantizer/codebook`` (RVQ EMA state,
+  replaced by the loss function's output) and ``flow/buffers`` (the DiT position table, passed through).
+
+:func:`~almtok_jax.model.merge_variables` merges the three back into the model's variables;
+:func:`task_trees` splits them.
+
+One training step on a batch ``wav (B, S)`` at 24 kHz with ``length (B,)`` valid samples: the frozen
+experts (Whisper log-mel on device, WavLM, MusicFM; no gradients) and the trainable fusion give the 25 Hz
+features; the frozen SQ codec encodes the waveform into the target latents ``(B, T, C)`` (un-quantized);
+the quantizer's training forward (EMA codebook update, rotation trick) gives ``cond``, the commitment loss
+and the pronunciation loss against the WavLM mean feature of the same expert pass; the DiT flow-matching
+loss runs on ``cond`` and the latents with masks 2 on the first ``length // hop`` frames and 0 after.
+
+Deviations (documented): the cond / latent frame counts are cut to the shorter of the two (equal for
+segments of ``48000·k`` samples); in-context prefix lengths are capped at ``T − 1`` frames so that a
+sample always keeps a target frame (never active for the reference's 12 s segments); the flow loss is
+normalised by the global ``Σw`` of the batch (the reference normalises per GPU); experts run in eval mode.
+The optional GPT loss (``quantizer.gpt_loss``) is not wired.
+
+Weight decay (``param_names``): the Flax paths already agree with the reference names on the one rule that
+matters (substring ``"norm"``): only ``q_norm_*`` / ``k_norm_*`` of the query transformers contain it, as in
+the reference, where ``pre_norm``/``ff_norm`` are identities and no DiT parameter is named ``*norm*``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import replace
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from almtok_jax.config import ALMTokenizer2Config, load_model_config
+from almtok_jax.experts.fusion import ExpertFusion
+from almtok_jax.experts.musicfm import MusicFM, min_input_length
+from almtok_jax.experts.wavlm import WavLMExpert, min_input_samples
+from almtok_jax.experts.whisper import WhisperEncoder
+from almtok_jax.flow.cfm import estimator_variables, flow_matching_loss, sample_loss_draws
+from almtok_jax.flow.dit import DiTEstimator
+from almtok_jax.model import (
+    FROZEN,
+    TRAINABLE,
+    decode_latents,
+    encode_segments,
+    expert_streams,
+    fused_features,
+    generate_latents,
+    merge_variables,
+)
+from almtok_jax.quantizer.query import QueryQuantizer, train_forward
+from almtok_jax.sqcodec import SQCodec
+from almtok_jax.train.checkpoint import load_model_dir
+from almtok_jax.train.config import TrainConfig
+from almtok_jax.train.state import Batch, Params, Task, path_names
+
+Array = jax.Array
+
+STACKED = ("layers", "blocks", "transformer_blocks")  # nn.scan stacks: leading layer axis on their leaves
+RECONSTRUCT_STEPS = 8  # sampler steps of the training-time audio samples
+REMAT_POLICY = "nothing_saveable"
+
+
+# ------------------------------------------------------------------------------------------- variables
+
+
+def task_trees(variables: Mapping) -> tuple[dict, dict, dict]:
+    """Model variables -> ``(trainable, frozen, extra)`` (the module docstring's layout)."""
+    frozen = {k: dict(variables[k]) for k in FROZEN}
+    trainable = {k: {"params": variables[k]["params"]} for k in TRAINABLE}
+    extra = {k: {c: v for c, v in variables[k].items() if c != "params"} for k in TRAINABLE}
+    return trainable, frozen, {k: v for k, v in extra.items() if v}
+
+
+def _component_inits(config: ALMTokenizer2Config) -> dict[str, tuple[nn.Module, tuple]]:
+    """Every component's module and the dummy inputs of its ``init`` (shapes only)."""
+    e, f, q, d, s = config.experts, config.fusion, config.quantizer, config.dit, config.sqcodec
+    z = jnp.zeros
+    return {
+        "whisper": (WhisperEncoder(e.whisper), (z((1, e.whisper.num_mel_frames, e.whisper.num_mel_bins)),)),
+        "wavlm": (WavLMExpert(e.wavlm), (z((1, min_input_samples(e.wavlm))),)),
+        "musicfm": (MusicFM(e.musicfm), (z((1, min_input_length(e.musicfm))),)),
+        "fusion": (ExpertFusion(f), (z((1, 2, f.whisper_dim)), z((1, 2, f.wavlm_dim)), z((1, 1, f.bestrq_dim)),
+                                     z((1, 1, f.bestrq_dim)))),
+        "quantizer": (QueryQuantizer(q), (z((1, 2 * q.interval, q.dim)),)),
+        "flow": (DiTEstimator(d), (z((1, 4, d.in_channels)), z((1,)))),
+        "sqcodec": (SQCodec(s), (z((1, 2 * s.hop_length, s.num_bands)),)),
+    }
+
+
+def _leaf_init(names: list[str], shape: tuple[int, ...], noise: Array, layer_scale: float) -> Array:
+    """A fresh value for the parameter at Flax path ``names`` (PyTorch-like scale, by name and shape) from
+    standard-normal ``noise`` of that shape."""
+    name = names[-1]
+    stacked = int(any(n in STACKED for n in names[:-1]))
+    if name == "bias" or name.endswith("_bias"):
+        return jnp.zeros(shape, jnp.float32)
+    if name in ("scale", "weight_g", "gru_rel_pos_const") or name.endswith("norm_scale"):
+        return jnp.ones(shape, jnp.float32)  # norms; weight norm g = 1 gives unit-norm rows
+    if name in ("self_attn_scale", "ff_scale"):
+        return jnp.full(shape, layer_scale, jnp.float32)  # LayerScale
+    if name in ("weight", "down_activation"):
+        return jnp.full(shape, 0.25, jnp.float32)  # PReLU slopes
+    if name == "scale_shift_table":
+        std = shape[-1] ** -0.5
+    elif len(shape) - stacked <= 1 or name in ("embedding", "rel_attn_embed"):
+        std = 1.0  # learned tokens, filler embeddings, bucket tables
+    else:
+        std = math.prod(shape[stacked:-1]) ** -0.5  # kernels (..., in, out): 1 / sqrt(fan_in)
+    return std * noise
+
+
+def random_params(shapes: Params, key: Array, layer_scale: float) -> Params:
+    """Fill a tree of parameter shapes (``jax.eval_shape`` of an ``init``) with fresh values.
+
+    One random draw for the whole tree, sliced per leaf: cheap to compile, unlike ``jax.jit(Module.init)``
+    (which compiles an RNG per leaf and the dummy forward pass).
+    """
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
+    sizes = [math.prod(leaf.shape) for _, leaf in leaves]
+    noise = jax.random.normal(key, (sum(sizes),), jnp.float32)
+    offsets = np.cumsum([0, *sizes])
+    values = [_leaf_init([str(getattr(k, "key", k)) for k in path], leaf.shape,
+                         noise[offsets[i]: offsets[i + 1]].reshape(leaf.shape), layer_scale)
+              for i, (path, leaf) in enumerate(leaves)]
+    return jax.tree_util.tree_unflatten(treedef, values)
+
+
+def random_variables(config: ALMTokenizer2Config, key: Array) -> dict:
+    """Random variables of every component. ``params`` from :func:`random_params`; every other collection
+    (resample kernels, mel filter banks, windows, RoPE ``inv_freq``, the DiT ``pe`` table, BatchNorm
+    statistics, the RVQ codebooks) from the module's own ``init``, of which only those outputs are kept, so
+    that under ``jit`` the dummy forward pass is dead code."""
+    variables = {}
+    for i, (name, (module, dummies)) in enumerate(_component_inits(config).items()):
+        k_init, k_params = jax.random.split(jax.random.fold_in(key, i))
+        shapes = jax.eval_shape(module.init, k_init, *dummies)
+        params = random_params(shapes["params"], k_params, config.quantizer.block.layer_scale_init)
+        if len(shapes) > 1:
+            real = module.init(k_init, *dummies)
+            variables[name] = {c: v for c, v in real.items() if c != "params"}
+        variables[name] = {**variables.get(name, {}), "params": params}
+    flow = variables["flow"]
+    zero_cond = jax.random.normal(jax.random.fold_in(key, len(variables)), (config.dit.cond_dim,), jnp.float32)
+    variables["flow"] = {"params": {"estimator": flow["params"], "zero_cond_embedding1": zero_cond},
+                         "buffers": {"estimator": flow["buffers"]}}
+    return variables
+
+
+def load_variables(directory: str | Path, config: ALMTokenizer2Config) -> dict:
+    """Model variables (NumPy) of a model directory (``convert_torch_weights.py`` or a training export),
+    checked against the shapes of ``config``."""
+    tree, _ = load_model_dir(directory)
+    variables = merge_variables(tree)
+    expected = jax.eval_shape(lambda k: random_variables(config, k), jax.random.key(0))
+    got = jax.tree.map(np.shape, variables)
+    want = jax.tree.map(lambda x: tuple(x.shape), expected)
+    if got != want:
+        raise ValueError(f"{directory}: the variables do not match the model preset "
+                         f"(expected {jax.tree.structure(want)}, got {jax.tree.structure(got)}, or shapes differ)")
+    return variables
+
+
+# ------------------------------------------------------------------------------------------------ loss
+
+
+def latent_masks(length: Array, frames: int, hop: int) -> Array:
+    """``(B,)`` valid samples -> ``(B, T)`` int32 masks: 2 on the first ``length // hop`` frames, else 0."""
+    return jnp.where(jnp.arange(frames)[None] < (length // hop)[:, None], 2, 0).astype(jnp.int32)
+
+
+def training_loss(trainable: Params, frozen: Params, extra: Params, batch: Batch, rng: Array,
+                  config: ALMTokenizer2Config) -> tuple[Array, tuple[dict[str, Array], Params]]:
+    """The :data:`~almtok_jax.train.state.LossFn` of ALMTokenizer2 (module docstring)."""
+    wav, length = batch["wav"], batch["length"]
+    if wav.ndim != 2 or length.shape != wav.shape[:1]:
+        raise ValueError(f"batch must hold wav (B, S) and length (B,), got {wav.shape} and {length.shape}")
+    variables = merge_variables({"trainable": trainable, "frozen": frozen, "extra": extra})
+    k_vq, k_flow = jax.random.split(rng)
+    streams = expert_streams(variables, wav, config)
+    features, wavlm = fused_features(variables, streams, config), streams[1]
+    sq = SQCodec(config.sqcodec)
+    latents = jax.lax.stop_gradient(sq.apply(frozen["sqcodec"], wav[..., None].astype(features.dtype),
+                                             method=SQCodec.encode)).astype(jnp.float32)
+    out, codebook = train_forward(trainable["quantizer"]["params"], extra["quantizer"]["codebook"], features,
+                                  config.quantizer, k_vq, wavlm_target=wavlm)
+    frames = min(out["cond"].shape[1], latents.shape[1])
+    cond, latents = out["cond"][:, :frames].astype(jnp.float32), latents[:, :frames]
+    masks = latent_masks(length, frames, config.sqcodec.hop_length)
+    draws = sample_loss_draws(k_flow, latents.shape, config.flow_loss)
+    draws = replace(draws, prefix_len=jnp.minimum(draws.prefix_len, frames - 1))
+    estimator = DiTEstimator(config.dit)
+    est_vars = estimator_variables(variables["flow"])
+    loss_flow, _ = flow_matching_loss(lambda h, t: estimator.apply(est_vars, h, t), latents, cond, masks,
+                                      variables["flow"]["params"]["zero_cond_embedding1"], draws, config.flow_loss)
+    loss_commit = out["commit_loss"].astype(jnp.float32)
+    loss_phone = out["phone_loss"].astype(jnp.float32)
+    loss = loss_flow + loss_commit + config.quantizer.pronunciation.loss_weight * loss_phone
+    metrics = {"loss_flow": loss_flow, "loss_commit": loss_commit, "loss_phone": loss_phone}
+    return loss, (metrics, {**extra, "quantizer": {**extra["quantizer"], "codebook": codebook}})
+
+
+def reconstruct(trainable: Params, frozen: Params, extra: Params, wav: Array, rng: Array,
+                config: ALMTokenizer2Config, steps: int = RECONSTRUCT_STEPS) -> Array:
+    """Audio samples: ``(B, S)`` -> encode -> codes -> ``steps``-step sampler (no prompt) -> SQ decode ->
+    ``(B, S)`` (cut or zero-padded to the input length)."""
+    variables = merge_variables({"trainable": trainable, "frozen": frozen, "extra": extra})
+    codes = encode_segments(variables, wav, config)["codes"]
+    frames = config.quantizer.interval * codes.shape[1]
+    b = wav.shape[0]
+    x0 = jax.random.normal(rng, (b, frames, config.dit.out_channels), jnp.float32)
+    latents = generate_latents(variables, codes, jnp.zeros_like(x0), jnp.zeros((b,), jnp.int32), x0, config,
+                               replace(config.sampler, num_steps=steps))
+    out = decode_latents(variables, latents, config)[:, : wav.shape[1]]
+    return jnp.pad(out, ((0, 0), (0, wav.shape[1] - out.shape[1])))
+
+
+# ------------------------------------------------------------------------------------------------ task
+
+
+def training_model_config(model_config_path: str | Path, train_config: TrainConfig) -> ALMTokenizer2Config:
+    """The model preset, with DiT block rematerialisation when ``train_config.remat`` asks for it."""
+    config = load_model_config(model_config_path)
+    if train_config.remat and config.dit.remat_policy is None:
+        config = replace(config, dit=replace(config.dit, remat_policy=REMAT_POLICY))
+    return config
+
+
+def train_task(model_config_path: str | Path, train_config: TrainConfig) -> Task:
+    """The :class:`Task` of ALMTokenizer2 for a model preset and ``train_config.init`` (``"random"`` or a
+    model directory, whose weights become constants of the init program: fine for small models; large
+    ones are better put on devices by the caller with :func:`task_trees`)."""
+    config = training_model_config(model_config_path, train_config)
+
+    def init_fn(rng: Array, batch: Batch) -> tuple[Params, Params, Params]:
+        del batch  # variable shapes do not depend on the segment length
+        return task_trees(random_variables(config, rng))
+
+    def load_fn(directory: str) -> tuple[Params, Params, Params]:
+        return task_trees(load_variables(directory, config))
+
+    def loss_fn(trainable, frozen, extra, batch, rng):
+        return training_loss(trainable, frozen, extra, batch, rng, config)
+
+    def reconstruct_fn(trainable, frozen, extra, wav, rng):
+        return reconstruct(trainable, frozen, extra, wav, rng, config)
+
+    return Task(init_fn=init_fn, loss_fn=loss_fn, reconstruct_fn=reconstruct_fn, param_names=path_names,
+                load_fn=load_fn)
+
