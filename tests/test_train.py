@@ -139,3 +139,25 @@ def test_task_trees_layout_and_decay_rule():
     buffers = jax.jit(lambda k: random_variables(config, k)["flow"]["buffers"])(jax.random.key(0))
     np.testing.assert_array_equal(np.asarray(buffers["estimator"]["pos_embed"]["pe"]),
                                   sinusoidal_table(config.dit.num_positional_embeddings, config.dit.inner_dim))
+
+
+def test_gpt_loss_switch_adds_a_trained_predictor():
+    """``quantizer.gpt_loss.enabled`` adds the next-code loss and a ``gpt`` trainable component (traced only)."""
+    from dataclasses import replace
+
+    from almtok_jax.train.task import training_loss
+
+    base = load_model_config(MODEL)
+    gpt = replace(base.quantizer.gpt_loss, enabled=True, layers=1, heads=2, width=32, max_len=64)
+    config = replace(base, quantizer=replace(base.quantizer, gpt_loss=gpt))
+    variables = jax.eval_shape(lambda k: random_variables(config, k), jax.random.key(0))
+    trainable, frozen, extra = task_trees(variables)
+    assert "gpt" in trainable
+    batch = {"wav": jax.ShapeDtypeStruct((2, 24240), np.float32), "length": jax.ShapeDtypeStruct((2,), np.int32)}
+
+    def value_and_grad(t, f, e, b):
+        return jax.value_and_grad(training_loss, has_aux=True)(t, f, e, b, jax.random.key(1), config)
+
+    (value, (metrics, _)), grads = jax.eval_shape(value_and_grad, trainable, frozen, extra, batch)
+    assert "loss_gpt" in metrics and value.shape == ()
+    assert set(grads) == set(trainable)

@@ -4,7 +4,9 @@ Upstream's ``use_gpt_loss`` option cannot be built and is never wired into the l
 the release has no weights for it. This module is this project's own, clearly separate take on the idea:
 from the quantized sequence ``z (B, N, dim)`` at 12.5 Hz, a pre-LN causal transformer predicts at each
 position ``t`` the ``Q`` codes of token ``t + 1``; the loss is the cross-entropy averaged over codebooks
-and positions. It is off by default (``GPTLossConfig.enabled``) and not part of the release checkpoint.
+and positions. It is off by default; ``quantizer.gpt_loss.enabled=true`` adds it (times ``weight``) to the
+training loss, with the predictor as the ``gpt`` component of the trainable parameters. It is not part of
+the release checkpoint.
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ class GPTLossConfig:
     width: int = 768
     max_len: int = 1024
     weight: float = 1.0
-    stop_gradient_input: bool = True  # predict from sg(z): the loss trains only the predictor
+    # False: the loss also shapes the quantized sequence (its purpose: tokens an LM predicts more easily);
+    # True: it only trains the predictor (a probe of how predictable the codes are).
+    stop_gradient_input: bool = False
 
 
 class _CausalBlock(nn.Module):
@@ -71,6 +75,11 @@ class CodePredictor(nn.Module):
             h = _CausalBlock(c.width, c.heads, name=f"block{i}")(h)
         logits = Linear(self.num_quantizers * self.codebook_size, name="head")(LayerNorm(name="ln_f")(h))
         return logits.reshape(*z.shape[:2], self.num_quantizers, self.codebook_size)
+
+
+def code_predictor(config) -> CodePredictor:
+    """The predictor of a :class:`~almtok_jax.quantizer.query.QuantizerConfig` (its codebook sizes)."""
+    return CodePredictor(config.gpt_loss, config.rvq.num_quantizers, config.rvq.codebook_size)
 
 
 def next_code_loss(logits: Array, codes: Array) -> Array:

@@ -50,7 +50,6 @@ from almtok_jax.flow.cfm import estimator_variables, flow_matching_loss, sample_
 from almtok_jax.flow.dit import DiTEstimator
 from almtok_jax.model import (
     FROZEN,
-    TRAINABLE,
     decode_latents,
     encode_segments,
     expert_streams,
@@ -58,6 +57,7 @@ from almtok_jax.model import (
     generate_latents,
     merge_variables,
 )
+from almtok_jax.quantizer.gpt import code_predictor, gpt_loss
 from almtok_jax.quantizer.query import QueryQuantizer, train_forward
 from almtok_jax.sqcodec import SQCodec
 from almtok_jax.train.checkpoint import load_model_dir
@@ -77,8 +77,9 @@ REMAT_POLICY = "nothing_saveable"
 def task_trees(variables: Mapping) -> tuple[dict, dict, dict]:
     """Model variables -> ``(trainable, frozen, extra)`` (the module docstring's layout)."""
     frozen = {k: dict(variables[k]) for k in FROZEN}
-    trainable = {k: {"params": variables[k]["params"]} for k in TRAINABLE}
-    extra = {k: {c: v for c, v in variables[k].items() if c != "params"} for k in TRAINABLE}
+    trained = [k for k in variables if k not in FROZEN]
+    trainable = {k: {"params": variables[k]["params"]} for k in trained}
+    extra = {k: {c: v for c, v in variables[k].items() if c != "params"} for k in trained}
     return trainable, frozen, {k: v for k, v in extra.items() if v}
 
 
@@ -95,6 +96,7 @@ def _component_inits(config: ALMTokenizer2Config) -> dict[str, tuple[nn.Module, 
         "quantizer": (QueryQuantizer(q), (z((1, 2 * q.interval, q.dim)),)),
         "flow": (DiTEstimator(d), (z((1, 4, d.in_channels)), z((1,)))),
         "sqcodec": (SQCodec(s), (z((1, 2 * s.hop_length, s.num_bands)),)),
+        **({"gpt": (code_predictor(q), (z((1, 2, q.dim)),))} if q.gpt_loss.enabled else {}),
     }
 
 
@@ -207,6 +209,11 @@ def training_loss(trainable: Params, frozen: Params, extra: Params, batch: Batch
     loss_phone = out["phone_loss"].astype(jnp.float32)
     loss = loss_flow + loss_commit + config.quantizer.pronunciation.loss_weight * loss_phone
     metrics = {"loss_flow": loss_flow, "loss_commit": loss_commit, "loss_phone": loss_phone}
+    if config.quantizer.gpt_loss.enabled:
+        loss_gpt = gpt_loss(code_predictor(config.quantizer), trainable["gpt"]["params"], out["quantized"],
+                            out["codes"])
+        loss = loss + loss_gpt
+        metrics["loss_gpt"] = loss_gpt
     return loss, (metrics, {**extra, "quantizer": {**extra["quantizer"], "codebook": codebook}})
 
 
