@@ -245,8 +245,8 @@ def evaluate_folders(reference_dir: Path, degraded_dir: Path, out: Path, plots: 
 # ----------------------------------------------------------------------------------------------- model
 
 
-def load_tokenizer(checkpoint: Path) -> Any:
-    """``ALMTokenizer2.load(checkpoint)``, imported here so the metrics work without the model code."""
+def load_tokenizer(checkpoint: Path, compat: str = "default") -> Any:
+    """``ALMTokenizer2.load(checkpoint, compat)``, imported here so the metrics work without the model code."""
     try:
         from almtok_jax.tokenizer import ALMTokenizer2
     except ModuleNotFoundError as e:
@@ -255,22 +255,19 @@ def load_tokenizer(checkpoint: Path) -> Any:
         raise RuntimeError("model evaluation needs almtok_jax.tokenizer.ALMTokenizer2, which is not "
                            "available in this version; use --references-only to score existing "
                            "reconstructions") from e
-    return ALMTokenizer2.load(checkpoint)
+    return ALMTokenizer2.load(checkpoint, compat=compat)
 
 
-def reconstruct_batch(model: Any, wavs: Sequence[np.ndarray]) -> tuple[list[np.ndarray], Any]:
-    """Encode and decode clips at ``model.sample_rate`` as one zero-padded batch: ``(recs, codes)``.
+def reconstruct_batch(model: Any, wavs: Sequence[np.ndarray], steps: int | None = None,
+                      seed: int = 0) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Encode and decode clips at ``model.sample_rate`` together: ``(reconstructions, codes)``.
 
-    Each reconstruction is trimmed to its clip's length. Expects ``model.encode((B, N), sample_rate)``
-    -> codes and ``model.decode(codes)`` -> ``(B, N')`` waveforms at ``model.sample_rate``.
+    Uses the tokenizer's batched calls (``encode_batch`` -> codes ``(Q, T_i)`` per clip, ``decode_clips``
+    with each clip's length), so every clip is reconstructed exactly as it would be alone.
     """
-    lengths = [w.size for w in wavs]
-    batch = np.zeros((len(wavs), max(lengths)), np.float32)
-    for i, w in enumerate(wavs):
-        batch[i, :w.size] = w
-    codes = model.encode(batch, model.sample_rate)
-    out = np.asarray(model.decode(codes), dtype=np.float32).reshape(len(wavs), -1)
-    return [out[i, :n] for i, n in enumerate(lengths)], codes
+    codes = model.encode_batch(list(wavs), model.sample_rate)
+    results = model.decode_clips(codes, steps=steps, seed=seed, lengths=[w.size for w in wavs])
+    return [np.asarray(r["wave"], np.float32) for r in results], codes
 
 
 def _batches_by_length(clips: list[Clip], batch_size: int) -> Iterator[list[Clip]]:
@@ -298,19 +295,20 @@ def _bitrate(model: Any, token_rate_hz: float | None, codebooks: int | None) -> 
 
 
 def evaluate_model(checkpoint: Path, data: Path, out: Path, plots: int = 4, batch_size: int = 4,
-                   save_audio: bool = False) -> dict[str, Any]:
+                   save_audio: bool = False, steps: int | None = None, seed: int = 0,
+                   compat: str = "default") -> dict[str, Any]:
     """Reconstruct each clip of ``data`` with the tokenizer at ``checkpoint``, score it, write the outputs."""
     if batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
     start = time.time()
     clips = list_audio(data)
-    model = load_tokenizer(checkpoint)
+    model = load_tokenizer(checkpoint, compat)
     model_sr = int(model.sample_rate)
     _make_out(out, plots)
     if save_audio:
         (out / "audio").mkdir(exist_ok=True)
     rows: list[dict[str, Any]] = []
-    token_frames, padded_seconds, codebooks, plotted = 0, 0.0, None, 0
+    token_frames, audio_seconds, codebooks, plotted = 0, 0.0, None, 0
     progress = tqdm(total=len(clips), desc="reconstructing", unit="clip")
     for batch in _batches_by_length(clips, batch_size):
         loaded = []
@@ -324,16 +322,15 @@ def evaluate_model(checkpoint: Path, data: Path, out: Path, plots: int = 4, batc
             continue
         inputs = [np.asarray(resample(w, sr, model_sr)) if sr != model_sr else w for _, w, sr in loaded]
         try:
-            recs, codes = reconstruct_batch(model, inputs)
+            recs, codes = reconstruct_batch(model, inputs, steps, seed)
         except Exception as e:  # noqa: BLE001 - a failing batch is recorded per clip, the run goes on
             rows.extend(error_row(c.name, f"reconstruction failed: {type(e).__name__}: {e}", w.size / sr)
                         for c, w, sr in loaded)
             progress.update(len(loaded))
             continue
-        if np.ndim(codes) == 3:
-            token_frames += np.shape(codes)[1]
-            padded_seconds += max(x.size for x in inputs) / model_sr
-            codebooks = int(np.shape(codes)[2])
+        token_frames += sum(np.shape(c)[-1] for c in codes)
+        audio_seconds += sum(x.size for x in inputs) / model_sr
+        codebooks = int(np.shape(codes[0])[0])
         for (clip, wav, sr), rec in zip(loaded, recs, strict=True):
             rows.append(score_row(clip.name, wav, sr, rec, model_sr))
             if save_audio:
@@ -345,13 +342,13 @@ def evaluate_model(checkpoint: Path, data: Path, out: Path, plots: int = 4, batc
                 save_spectrogram_plot(_plot_path(out, clip.name), clip.name, wav, sr, rec, model_sr, rows[-1])
         progress.update(len(loaded))
     progress.close()
-    token_rate = token_frames / padded_seconds if padded_seconds else None
+    token_rate = token_frames / audio_seconds if audio_seconds else None
     summary = summarize(rows)
     summary.update(mode="model", bitrate_bps=_bitrate(model, token_rate, codebooks), token_rate_hz=token_rate,
                    codebooks=codebooks,
                    settings={**settings_of_metrics(), "checkpoint": str(checkpoint), "data": str(data),
-                             "model_sample_rate": model_sr, "batch_size": batch_size,
-                             "batching": "clips sorted by duration, zero-padded to the longest of the batch"},
+                             "model_sample_rate": model_sr, "batch_size": batch_size, "steps": steps,
+                             "seed": seed, "compat": compat},
                    elapsed_s=time.time() - start)
     _write_outputs(rows, summary, out)
     return summary
@@ -384,6 +381,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--plots", type=int, default=4,
                         help="spectrogram PNGs for the first N clips (default 4)")
     parser.add_argument("--batch-size", type=int, default=4, help="clips per model call (default 4)")
+    parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model config's)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sampler noise")
+    parser.add_argument("--compat", choices=("default", "release"), default="default",
+                        help="'release' reproduces the reference pipeline exactly")
     parser.add_argument("--save-audio", action="store_true",
                         help="also write the reconstructions to OUT/audio")
     args = parser.parse_args(argv)
@@ -400,7 +401,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         summary = evaluate_folders(*args.references_only, args.output, plots=args.plots)
     else:
         summary = evaluate_model(args.checkpoint, args.data, args.output, plots=args.plots,
-                                 batch_size=args.batch_size, save_audio=args.save_audio)
+                                 batch_size=args.batch_size, save_audio=args.save_audio, steps=args.steps,
+                                 seed=args.seed, compat=args.compat)
     for name, stats in summary["metrics"].items():
         mean = "n/a" if stats["mean"] is None else f"{stats['mean']:.4f} ± {stats['std']:.4f}"
         print(f"{name:>13s}: {mean}  (n={stats['count']})", file=sys.stderr)

@@ -186,3 +186,22 @@ def test_readme_main_job_commands_run_offline(tmp_path):
     assert all(p.exists() for p in outputs)
     wave, sr = sf.read(outputs[1])
     assert sr == 24000 and len(wave) == len(sf.read(AUDIO / "speech" / "p225_001.wav")[0])
+
+
+def test_evaluate_the_tiny_release_model(checkpoint, tmp_path):
+    """``python -m almtok_jax.evaluate`` with a real converted checkpoint writes CSV, JSON and PNGs."""
+    import json
+
+    from almtok_jax import evaluate
+
+    data = tmp_path / "clips"
+    data.mkdir()
+    for name in ("p225_001.wav", "p231_001.wav"):
+        shutil.copy(AUDIO / "speech" / name, data)
+    evaluate.main(["--checkpoint", str(checkpoint), "--data", str(data), "-o", str(tmp_path / "eval"),
+                   "--steps", "1", "--plots", "1"])
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert summary["files"] == 2 and summary["files_with_errors"] == 0
+    assert set(summary["metrics"]) == {"pesq_wb", "pesq_nb", "stoi", "mrstft", "mel_distance", "si_sdr"}
+    assert summary["bitrate_bps"] == 12.5 * 8 * np.log2(64)  # tiny codebooks: 64 codes
+    assert (tmp_path / "eval" / "metrics.csv").is_file() and len(list((tmp_path / "eval" / "plots").glob("*.png"))) == 1

@@ -91,21 +91,20 @@ class IdentityTokenizer:
 
     sample_rate = 24000
     bitrate = 1300.0
-    calls: list[tuple[int, int]] = []
+    calls: list[int] = []
 
     @classmethod
-    def load(cls, checkpoint):
+    def load(cls, checkpoint, compat="default"):
         assert Path(checkpoint).name == "ckpt"
         return cls()
 
-    def encode(self, wav, sample_rate):
-        assert sample_rate == self.sample_rate and wav.ndim == 2
-        self.calls.append(wav.shape)
-        pad = -wav.shape[1] % 1920
-        return np.pad(wav, ((0, 0), (0, pad))).reshape(wav.shape[0], -1, 1920)
+    def encode_batch(self, wavs, sample_rate):
+        assert sample_rate == self.sample_rate and all(w.ndim == 1 for w in wavs)
+        self.calls.append(len(wavs))
+        return [np.pad(w, (0, -w.size % 1920)).reshape(-1, 1920).T for w in wavs]
 
-    def decode(self, codes):
-        return codes.reshape(codes.shape[0], -1)
+    def decode_clips(self, codes, steps=None, seed=0, lengths=None):
+        return [{"wave": c.T.reshape(-1)[:n]} for c, n in zip(codes, lengths, strict=True)]
 
 
 def test_model_mode_batches_trims_and_records_bitrate(references, tmp_path, monkeypatch):
@@ -120,8 +119,8 @@ def test_model_mode_batches_trims_and_records_bitrate(references, tmp_path, monk
     rows, _ = read_outputs(out)
     assert [r["file"] for r in rows] == ["broken", *CLIPS, "p232_001"]
     assert "cannot read audio" in rows[0]["error"] and all(r["error"] == "" for r in rows[1:])
-    # longest first, zero-padded to the longest of each batch
-    assert [c[0] for c in IdentityTokenizer.calls] == [2, 1]
+    # longest first, in batches of --batch-size clips
+    assert IdentityTokenizer.calls == [2, 1]
     assert summary["metrics"]["pesq_wb"]["mean"] == pytest.approx(4.644, abs=0.005)
     assert summary["metrics"]["mrstft"]["mean"] == 0.0 and summary["metrics"]["si_sdr"]["count"] == 3
     assert summary["bitrate_bps"] == 1300.0 and summary["mode"] == "model"
