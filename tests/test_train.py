@@ -1,8 +1,8 @@
 """The real ALMTokenizer2 training task (almtok_jax/train/task.py) at the tiny preset, on 1 s clips.
 
-``train.py`` subprocesses on 8 simulated CPU devices: a 6-step run on a 1x8 data mesh (checkpoint at step
-3, export at the end), a 3-step run on a 2x4 data x fsdp mesh, and a restart from the step-3 checkpoint.
-The export is then loaded in process and reconstructs a clip. CPU compilation dominates (a few minutes).
+``train.py`` subprocesses on 8 simulated CPU devices: a 50-step run on a 1x8 data mesh (checkpoints at
+steps 25 and 50, export at the end), a 3-step run on a 2x4 data x fsdp mesh, and a restart from the
+step-25 checkpoint. The export then reconstructs a clip through ``infer.py``. A few minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
 AUDIO = Path(os.environ.get("ALMTOK_SHARED", REPO.parent / "shared")).resolve() / "audio"
 CONFIG = REPO / "configs" / "train_tiny.yaml"
 MODEL = REPO / "configs" / "tiny_release.yaml"
+STEPS = 50  # the issue's run length; the schedule horizon is the config's 50 steps in every run below
+RESUME_AT = 25  # a checkpoint of the 50-step run; the restart continues 3 steps from it
 
 
 def _start(workdir: Path, steps: int, *args: str, resume: bool = False) -> tuple[Path, subprocess.Popen]:
@@ -52,14 +54,14 @@ def _finish(run: tuple[Path, subprocess.Popen]) -> list[dict]:
 def runs(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("train_real")
     clips = f"data.train={AUDIO / 'speech'}"
-    full = _start(root / "full", 6, clips, "mesh.data=8", "mesh.fsdp=1", "checkpoint.every=3",
+    full = _start(root / "full", STEPS, clips, "mesh.data=8", "mesh.fsdp=1", f"checkpoint.every={RESUME_AT}",
                   "--export", str(root / "export"))
     fsdp = _start(root / "fsdp", 3, clips, "mesh.data=2", "mesh.fsdp=4")
     results = {"full": _finish(full), "root": root}
     (root / "resumed" / "checkpoints").mkdir(parents=True)
-    shutil.copytree(root / "full" / "checkpoints" / "3", root / "resumed" / "checkpoints" / "3")
-    resumed = _start(root / "resumed", 6, clips, "mesh.data=8", "mesh.fsdp=1", "checkpoint.every=3",
-                     resume=True)
+    shutil.copytree(root / "full" / "checkpoints" / str(RESUME_AT), root / "resumed" / "checkpoints" / str(RESUME_AT))
+    resumed = _start(root / "resumed", RESUME_AT + 3, clips, "mesh.data=8", "mesh.fsdp=1",
+                     f"checkpoint.every={RESUME_AT}", resume=True)
     results["fsdp"] = _finish(fsdp)
     results["resumed"] = _finish(resumed)
     return results
@@ -73,11 +75,13 @@ def _column(records: list[dict], key: str, first: int, last: int) -> np.ndarray:
 def test_loss_terms_are_logged_finite_and_go_down(runs):
     records = runs["full"]
     for key in ("loss", "loss_flow", "loss_commit", "loss_phone", "grad_norm"):
-        values = _column(records, key, 1, 6)
+        values = _column(records, key, 1, STEPS)
         assert np.all(np.isfinite(values)), (key, values)
     assert records[-1]["skipped"] == 0
-    loss, flow = _column(records, "loss", 1, 6), _column(records, "loss_flow", 1, 6)
-    assert loss[-1] < loss[0] and flow[-1] < flow[0], (loss, flow)
+    # mean of the last 5 steps against the first 5 (measured: loss 9.1 -> 1.2, flow 1.43 -> 1.11, phone 8.5 -> 0.2)
+    for key, factor in (("loss", 0.5), ("loss_flow", 0.9), ("loss_phone", 0.5)):
+        values = _column(records, key, 1, STEPS)
+        assert values[-5:].mean() < factor * values[:5].mean(), (key, values)
 
 
 def test_data_and_fsdp_meshes_agree(runs):
@@ -97,11 +101,11 @@ def test_parameters_are_sharded_on_fsdp_mesh(runs):
 
 
 def test_resume_reproduces_the_uninterrupted_run(runs):
-    resumed = [r for r in runs["resumed"] if r["step"] > 3]
-    assert [r["step"] for r in resumed] == [4, 5, 6]
+    resumed = [r for r in runs["resumed"] if r["step"] > RESUME_AT and "split" not in r]
+    assert [r["step"] for r in resumed] == [RESUME_AT + 1, RESUME_AT + 2, RESUME_AT + 3]
     for key in ("loss", "loss_flow", "loss_commit", "loss_phone"):
-        np.testing.assert_allclose(_column(resumed, key, 4, 6), _column(runs["full"], key, 4, 6), rtol=1e-5,
-                                   err_msg=key)
+        np.testing.assert_allclose(_column(resumed, key, RESUME_AT + 1, RESUME_AT + 3),
+                                   _column(runs["full"], key, RESUME_AT + 1, RESUME_AT + 3), rtol=1e-5, err_msg=key)
 
 
 def test_export_reconstructs_a_clip_with_infer(runs, tmp_path):
