@@ -27,8 +27,9 @@ from typing import Literal
 
 import numpy as np
 
+from almtok_jax.compat import check_compat
+
 Compat = Literal["default", "release"]
-COMPAT_MODES = ("default", "release")
 
 
 @dataclass(frozen=True)
@@ -50,11 +51,6 @@ class PipelineConfig:
     @property
     def segment_samples(self) -> int:
         return int(self.min_duration * self.sample_rate)
-
-
-def check_compat(compat: str) -> None:
-    if compat not in COMPAT_MODES:
-        raise ValueError(f"compat must be one of {COMPAT_MODES}, got {compat!r}")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -21,13 +21,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from almtok_jax.audio import AudioError, resample
+from almtok_jax.compat import check_compat
 from almtok_jax.config import ALMTokenizer2Config, from_dict
 from almtok_jax.model import decode_latents, encode_segments, generate_latents, merge_variables
 from almtok_jax.pipeline import (
     Compat,
     PipelineConfig,
     WindowPlan,
-    check_compat,
     cross_fade,
     num_tokens,
     plan_windows,

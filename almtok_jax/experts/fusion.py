@@ -24,14 +24,12 @@ import jax.numpy as jnp
 
 from almtok_jax import mapping
 from almtok_jax.audio import resampled_length
+from almtok_jax.compat import check_compat
 from almtok_jax.experts.whisper import whisper_n_len
 from almtok_jax.layers import Conv1d, Linear
 from almtok_jax.mapping import Rule
 
 Array = jax.Array
-
-COMPAT_MODES = ("default", "release")
-
 
 @dataclass(frozen=True)
 class FusionConfig:
@@ -91,8 +89,7 @@ class ExpertFusion(nn.Module):
     def __call__(self, whisper: Array, wavlm: Array, bestrq_acoustic: Array, bestrq_semantic: Array) -> Array:
         """``whisper (B, n_len, Dw)``, ``wavlm (B, T_w, Dl)``, ``bestrq_* (B, T_b, Db)`` -> ``(B, T, D)``."""
         c = self.config
-        if self.compat not in COMPAT_MODES:
-            raise ValueError(f"compat must be one of {COMPAT_MODES}, got {self.compat!r}")
+        check_compat(self.compat)
         whisper_ds = Conv1d(c.whisper_dim, 2, stride=2, name="d_conv_whisper")(whisper)
         wavlm_ds = Conv1d(c.wavlm_dim, 2, stride=2, name="d_conv_wavlm")(wavlm)
         t_phone, t_bestrq, t_whisper = wavlm_ds.shape[1], bestrq_semantic.shape[1], whisper_ds.shape[1]

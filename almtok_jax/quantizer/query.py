@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from almtok_jax import mapping
+from almtok_jax.compat import check_compat
 from almtok_jax.layers import Linear
 from almtok_jax.mapping import Rule, convert_state_dict, prefixed
 from almtok_jax.quantizer.gpt import GPTLossConfig
@@ -46,7 +47,6 @@ from almtok_jax.quantizer.transformer import (
 )
 
 Array = jax.Array
-COMPAT_MODES = ("default", "release")
 
 
 @dataclass(frozen=True)
@@ -63,8 +63,7 @@ class QuantizerConfig:
     compat: str = "default"  # "release": odd frame counts raise, as upstream
 
     def __post_init__(self):
-        if self.compat not in COMPAT_MODES:
-            raise ValueError(f"QuantizerConfig.compat must be one of {COMPAT_MODES}, got {self.compat!r}")
+        check_compat(self.compat, "QuantizerConfig.compat")
         if self.rvq.dim != self.block.dim:
             raise ValueError(f"RVQ dim {self.rvq.dim} differs from the transformer width {self.block.dim}")
 
