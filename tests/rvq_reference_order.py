@@ -32,7 +32,7 @@ def fma_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """``a^T b`` for ``a (M, I)``, ``b (M, J)``: rows accumulated in order, one rounding per row (an FMA:
     the float32 product is exact in float64)."""
     acc = np.zeros((a.shape[1], b.shape[1]), np.float32)
-    for a_row, b_row in zip(a.astype(np.float64), b.astype(np.float64)):
+    for a_row, b_row in zip(a.astype(np.float64), b.astype(np.float64), strict=True):
         acc = (acc + np.outer(a_row, b_row)).astype(np.float32)
     return acc
 

@@ -61,8 +61,9 @@ def test_rvq_train_bit_exact_in_reference_float32_order(path):
     ``project_in`` gradients once the two projection matmuls are summed in the reference's row order."""
     flags = " ".join(filter(None, [os.environ.get("XLA_FLAGS"), "--xla_cpu_max_isa=AVX"]))
     script = Path(__file__).with_name("rvq_reference_order.py")
-    run = subprocess.run([sys.executable, str(script), str(path)], cwd=REPO, capture_output=True, text=True,
-                         env={**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}, timeout=600)
+    env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
+    run = subprocess.run([sys.executable, str(script), str(path)], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     errors = json.loads(run.stdout.splitlines()[-1])
     assert any(name.startswith("grad_q_project_in.weight") for name in errors)
