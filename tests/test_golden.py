@@ -21,13 +21,23 @@ import numpy as np
 import pytest
 from conftest import FIXTURES, REPO
 
-from almtok_jax.golden.runner import fixture_files, fx_handler_outputs, load_fixture, run_fixture
+from almtok_jax.golden.runner import compare, fixture_files, fx_handler_outputs, load_fixture, run_fixture
 
 README_RTOL = {
     "rvq_train.npz": {f"grad_q_project_in.{p}_step{s}" for p in ("weight", "bias") for s in (0, 1)},
 }
 
 FILES = fixture_files([FIXTURES]) if FIXTURES.is_dir() else []
+
+
+def test_compare_is_absolute_and_names_the_scale():
+    expected = np.array([100.0, -0.5], np.float32)
+    assert compare("f", "a", expected + np.float32(1e-5), expected, 2e-5).status == "ok"
+    miss = compare("f", "a", expected + np.array([0.0, 3e-5], np.float32), expected, 2e-5)
+    assert miss.status == "FAIL" and "largest |expected| 100" in miss.line()
+    assert compare("f", "a", np.array([np.nan, 0.0]), expected, 1.0).status == "FAIL"
+    assert compare("f", "a", expected[:1], expected, 1.0).status == "FAIL"
+    assert compare("f", "a", None, expected, 1.0).status == "skipped"
 
 
 def test_fixtures_found():
