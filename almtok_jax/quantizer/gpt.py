@@ -45,7 +45,8 @@ class _CausalBlock(nn.Module):
     heads: int
 
     @nn.compact
-    def __call__(self, h: Array) -> Array:
+    def __call__(self, h: Array, _: None = None) -> tuple[Array, None]:
+        """One block; the ``(carry, x) -> (carry, y)`` signature is the one ``nn.scan`` expects."""
         b, n, _ = h.shape
         x = LayerNorm(name="ln1")(h)
         q, k, v = (Linear(self.width, name=nm)(x).reshape(b, n, self.heads, -1)
@@ -53,11 +54,12 @@ class _CausalBlock(nn.Module):
         causal = jnp.tril(jnp.ones((n, n), bool))[None, None]
         h = h + Linear(self.width, name="proj")(dot_product_attention(q, k, v, mask=causal).reshape(b, n, -1))
         x = LayerNorm(name="ln2")(h)
-        return h + Linear(self.width, name="mlp_out")(gelu_exact(Linear(4 * self.width, name="mlp_in")(x)))
+        return h + Linear(self.width, name="mlp_out")(gelu_exact(Linear(4 * self.width, name="mlp_in")(x))), None
 
 
 class CodePredictor(nn.Module):
-    """``z (B, N, dim)`` → next-token code logits ``(B, N, Q, K)`` (position t predicts token t+1)."""
+    """``z (B, N, dim)`` → next-token code logits ``(B, N, Q, K)`` (position t predicts token t+1); the
+    ``layers`` blocks run under ``nn.scan`` (parameters stacked under ``blocks`` on axis 0)."""
 
     config: GPTLossConfig
     num_quantizers: int
@@ -71,8 +73,9 @@ class CodePredictor(nn.Module):
             raise ValueError(f"GPT loss: {n} tokens exceed max_len {c.max_len}")
         pos = self.param("pos_emb", nn.initializers.normal(0.02), (c.max_len, c.width))
         h = Linear(c.width, name="input_proj")(z) + pos[:n]
-        for i in range(c.layers):
-            h = _CausalBlock(c.width, c.heads, name=f"block{i}")(h)
+        blocks = nn.scan(_CausalBlock, variable_axes={"params": 0}, split_rngs={"params": True},
+                         length=c.layers)(c.width, c.heads, name="blocks")
+        h = blocks(h, None)[0]
         logits = Linear(self.num_quantizers * self.codebook_size, name="head")(LayerNorm(name="ln_f")(h))
         return logits.reshape(*z.shape[:2], self.num_quantizers, self.codebook_size)
 
