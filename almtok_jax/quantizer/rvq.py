@@ -79,7 +79,9 @@ def nearest_code(r: Array, embed: Array) -> Array:
 
 def _row_sum(a: Array) -> Array:
     """Sum over the last (codebook) axis, left to right, keeping the axis: the accumulation order of the
-    reference's small per-row norms and dot products, so the rotation-trick values match it bit for bit."""
+    reference's small per-row norms and dot products. With fused multiply-adds off (the reference's
+    kernels use none; XLA's CPU backend fuses by default) the rotation-trick values and gradients match
+    the reference bit for bit (``tests/rvq_reference_order.py``)."""
     return functools.reduce(jnp.add, [a[..., i:i + 1] for i in range(a.shape[-1])])
 
 
