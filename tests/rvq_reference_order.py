@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from almtok_jax.golden.quantizer import _rvq_variables
+from almtok_jax.golden.quantizer import rvq_variables
 from almtok_jax.golden.runner import load_fixture
 from almtok_jax.quantizer.rvq import residual_quantize_train
 
@@ -53,7 +53,7 @@ def interleaved_sum(a: np.ndarray, lanes: int = 4) -> np.ndarray:
 
 def replay(path: str) -> dict[str, float]:
     fx = load_fixture(path)
-    model, variables = _rvq_variables(fx)
+    model, variables = rvq_variables(fx)
     config = model.config
     codebook = variables["codebook"]
     state = tuple(codebook[n] for n in ("embed", "embed_avg", "cluster_size"))

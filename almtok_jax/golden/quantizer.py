@@ -46,7 +46,8 @@ def transformer_block(fx: Fixture) -> dict[str, np.ndarray]:
     return out
 
 
-def _rvq_variables(fx: Fixture) -> tuple[ResidualVQ, dict]:
+def rvq_variables(fx: Fixture) -> tuple[ResidualVQ, dict]:
+    """The fixture's ``ResidualVQ`` (from ``meta["config"]["rvq"]``) and its weights through our rules."""
     config = RVQConfig.from_meta(fx.config["rvq"])
     model = ResidualVQ(config)
     expected = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1, config.dim)))
@@ -56,7 +57,7 @@ def _rvq_variables(fx: Fixture) -> tuple[ResidualVQ, dict]:
 
 
 def rvq_eval(fx: Fixture) -> dict[str, np.ndarray]:
-    model, variables = _rvq_variables(fx)
+    model, variables = rvq_variables(fx)
 
     @jax.jit
     def run(variables, x):
@@ -74,7 +75,7 @@ def rvq_eval(fx: Fixture) -> dict[str, np.ndarray]:
 
 def rvq_train(fx: Fixture) -> dict[str, np.ndarray]:
     """Training steps in order from the stored state; gradients by ``jax.vjp`` with the stored cotangents."""
-    model, variables = _rvq_variables(fx)
+    model, variables = rvq_variables(fx)
     params, codebook = variables["params"], variables["codebook"]
     grad_names = {"x": None, "project_in.weight": ("project_in", "kernel"),
                   "project_in.bias": ("project_in", "bias"), "project_out.weight": ("project_out", "kernel"),
