@@ -16,11 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import yaml
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
@@ -32,6 +35,7 @@ from almtok_jax.train import sharding as shard_lib
 from almtok_jax.train.config import TrainConfig
 from almtok_jax.train.logging import TrainLogger, setup_console
 from almtok_jax.train.state import (
+    Task,
     build_task,
     decay_mask,
     init_train_state,
@@ -39,6 +43,7 @@ from almtok_jax.train.state import (
     make_optimizer,
     make_schedule,
     make_train_step,
+    new_train_state,
     path_names,
 )
 
@@ -113,15 +118,12 @@ def main(argv: list[str] | None = None) -> None:
 
     train_iter = iter(data_lib.make_loader(config.data.train, config.data, config.seed))
     checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", config.checkpoint)
-    state, frozen = jax.jit(init, out_shardings=(state_sh, frozen_sh))()
-    if config.init != "random":
-        if task.load_fn is None:
-            raise SystemExit(f"error: model {config.model!r} cannot start from a model directory (init)")
-        trainable, frozen_host, extra = task.load_fn(config.init)
-        frozen = put_global(frozen_host, frozen_sh)
-        state = state.replace(trainable=put_global(trainable, state_sh.trainable),
-                              extra=put_global(extra, state_sh.extra))
-    if args.resume and checkpointer.latest_step() is not None:
+    resume = args.resume and checkpointer.latest_step() is not None
+    if config.init == "random":
+        state, frozen = initialised_state(init, state_sh, frozen_sh, with_state=not resume)
+    else:
+        state, frozen = loaded_state(task, config, optimizer, state_sh, frozen_sh, with_state=not resume)
+    if resume:
         target = ckpt_lib.abstract_with_shardings(abstract_state, state_sh)
         state = checkpointer.restore(target, train_iter)
         log.info("resumed from step %d", int(state.step))
@@ -156,6 +158,28 @@ def main(argv: list[str] | None = None) -> None:
         ckpt_lib.export_params(args.export, state.trainable, frozen, model_config_text(config),
                                extra=state.extra)
     logger.close()
+
+
+def initialised_state(init: Callable[[], tuple], state_sh: Any, frozen_sh: Any, with_state: bool) -> tuple:
+    """``(state, frozen)`` from the modules' own initializers (``init: random``), built on the devices;
+    ``state`` is None (and not built) unless ``with_state``."""
+    if with_state:
+        return jax.jit(init, out_shardings=(state_sh, frozen_sh))()
+    return None, jax.jit(lambda: init()[1], out_shardings=frozen_sh)()
+
+
+def loaded_state(task: Task, config: TrainConfig, optimizer: optax.GradientTransformation, state_sh: Any,
+                 frozen_sh: Any, with_state: bool) -> tuple:
+    """``(state, frozen)`` from the model directory ``config.init`` (its trainable variables start the
+    state); ``state`` is None (and not built) unless ``with_state``."""
+    if task.load_fn is None:
+        raise SystemExit(f"error: model {config.model!r} cannot start from a model directory (init)")
+    trainable, frozen, extra = task.load_fn(config.init)
+    frozen = put_global(frozen, frozen_sh)
+    if not with_state:
+        return None, frozen
+    make = jax.jit(lambda t, e: new_train_state(t, e, optimizer, config.seed), out_shardings=state_sh)
+    return make(put_global(trainable, state_sh.trainable), put_global(extra, state_sh.extra)), frozen
 
 
 class EvalHooks:

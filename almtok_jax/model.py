@@ -1,39 +1,42 @@
 """The assembled ALMTokenizer2: 24 kHz segments -> codes -> condition -> latents -> 24 kHz audio.
 
-Variables are one dict per component, in the order of the model picture::
+Variables are one dict per component, in the order of the model picture (:data:`COMPONENTS`; each
+component's build, shapes, checkpoint keys and loading live at the bottom of its own module, see
+:mod:`almtok_jax.component`)::
 
-    whisper, wavlm, musicfm   frozen experts                 (reference prefixes whisper_encoder.,
-    fusion                    expert glue -> 25 Hz features   wavlm_encoder. + wavlm_transfer.,
-    quantizer                 queries, RVQ, query decoder     pretrained_model.model.model., ...)
+    whisper, wavlm, musicfm   frozen experts
+    fusion                    expert glue -> 25 Hz features
+    quantizer                 queries, RVQ, query decoder, pronunciation decoder
+    gpt                       GPT code predictor (training only, when quantizer.gpt_loss is enabled)
     flow                      DiT estimator + zero condition
     sqcodec                   frozen SQ codec (from sqcodec.pth)
 
-:data:`FROZEN` components are never trained. :func:`convert_checkpoint` maps the reference's two state
-dicts onto this layout through each component's own rules, and reports every problem at once.
+:func:`convert_checkpoint` routes every key of the reference's two state dicts to the one component whose
+key prefix owns it; :func:`load_model` reads a model directory and checks its config against its weights.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+import math
+from collections.abc import Mapping
 from functools import partial
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from almtok_jax.audio import resample, whisper_log_mel
-from almtok_jax.config import ALMTokenizer2Config
-from almtok_jax.experts.fusion import ExpertFusion, fusion_rules
-from almtok_jax.experts.musicfm import CHECKPOINT_PREFIX as MUSICFM_PREFIX
-from almtok_jax.experts.musicfm import MusicFM, musicfm_rules
-from almtok_jax.experts.musicfm import variable_shapes as musicfm_shapes
-from almtok_jax.experts.wavlm import WavLMExpert, min_input_samples, wavlm_expert_rules
-from almtok_jax.experts.whisper import WhisperEncoder, whisper_feature, whisper_rules
+from almtok_jax.component import CODEC_STATE, MODEL_STATE, Component
+from almtok_jax.config import ALMTokenizer2Config, from_dict
+from almtok_jax.experts.fusion import FUSION, ExpertFusion
+from almtok_jax.experts.musicfm import MUSICFM, MusicFM
+from almtok_jax.experts.wavlm import WAVLM, WavLMExpert
+from almtok_jax.experts.whisper import WHISPER, WhisperEncoder, whisper_feature
 from almtok_jax.flow.cfm import (
+    FLOW,
     SamplerConfig,
-    cfm_rules,
-    cfm_shapes,
     estimator_variables,
     fill_padding,
     incontext_latents,
@@ -41,93 +44,60 @@ from almtok_jax.flow.cfm import (
     sample,
 )
 from almtok_jax.flow.dit import DiTEstimator
-from almtok_jax.mapping import MappingError, Rule, canonical_key, convert_state_dict, prefixed
-from almtok_jax.quantizer.query import QueryQuantizer, quantizer_rules
-from almtok_jax.sqcodec import SQCodec, load_sqcodec
+from almtok_jax.mapping import MappingError
+from almtok_jax.quantizer.gpt import GPT
+from almtok_jax.quantizer.query import QUANTIZER, QueryQuantizer
+from almtok_jax.sqcodec import SQCODEC, SQCodec
 
 Array = jax.Array
 
-FROZEN = ("whisper", "wavlm", "musicfm", "sqcodec")
-TRAINABLE = ("fusion", "quantizer", "flow")
-_KEY = jax.random.PRNGKey(0)
+COMPONENTS: tuple[Component, ...] = (WHISPER, WAVLM, MUSICFM, FUSION, QUANTIZER, GPT, FLOW, SQCODEC)
+FROZEN = tuple(c.name for c in COMPONENTS if c.frozen)
 
 
-@dataclass(frozen=True)
-class Component:
-    """One part of the reference state dict: its rules (full key names) and its variable shapes."""
-
-    name: str
-    rules: Callable[[ALMTokenizer2Config], list[Rule]]
-    shapes: Callable[[ALMTokenizer2Config], dict]
+class ModelDirectoryError(ValueError):
+    """A model directory's config disagrees with its weights or with itself."""
 
 
-def _zeros(*shape: int) -> jax.ShapeDtypeStruct:
-    return jax.ShapeDtypeStruct(shape, jnp.float32)
+def components(config: ALMTokenizer2Config, names: tuple[str, ...] | None = None) -> tuple[Component, ...]:
+    """The components ``config`` builds (optionally only ``names``), in the order of the model picture."""
+    return tuple(c for c in COMPONENTS if c.enabled(config) and (names is None or c.name in names))
 
 
-def _whisper_shapes(c: ALMTokenizer2Config) -> dict:
-    w = c.experts.whisper
-    return jax.eval_shape(WhisperEncoder(w).init, _KEY, _zeros(1, w.num_mel_frames, w.num_mel_bins))
+def abstract_variables(config: ALMTokenizer2Config, names: tuple[str, ...] | None = None) -> dict[str, dict]:
+    """``jax.ShapeDtypeStruct`` trees of every component's variables."""
+    return {c.name: c.abstract_variables(c.config(config)) for c in components(config, names)}
 
 
-def _wavlm_shapes(c: ALMTokenizer2Config) -> dict:
-    return jax.eval_shape(WavLMExpert(c.experts.wavlm).init, _KEY, _zeros(1, min_input_samples(c.experts.wavlm)))
-
-
-def _fusion_shapes(c: ALMTokenizer2Config) -> dict:
-    f = c.fusion
-    return jax.eval_shape(ExpertFusion(f).init, _KEY, _zeros(1, 2, f.whisper_dim), _zeros(1, 2, f.wavlm_dim),
-                          _zeros(1, 1, f.bestrq_dim), _zeros(1, 1, f.bestrq_dim))
-
-
-def _quantizer_shapes(c: ALMTokenizer2Config) -> dict:
-    q = c.quantizer
-    return jax.eval_shape(QueryQuantizer(q).init, _KEY, _zeros(1, 2 * q.interval, q.dim))
-
-
-# Components of ep*.checkpoint['model'], in the order of the model picture.
-MODEL_COMPONENTS = (
-    Component("whisper", lambda c: prefixed("whisper_encoder.", whisper_rules(c.experts.whisper)), _whisper_shapes),
-    Component("wavlm", lambda c: wavlm_expert_rules(c.experts.wavlm), _wavlm_shapes),
-    Component("musicfm", lambda c: prefixed(MUSICFM_PREFIX, musicfm_rules(c.experts.musicfm)),
-              lambda c: musicfm_shapes(c.experts.musicfm)),
-    Component("fusion", lambda c: fusion_rules(c.fusion), _fusion_shapes),
-    Component("quantizer", lambda c: quantizer_rules(c.quantizer), _quantizer_shapes),
-    Component("flow", lambda c: cfm_rules(c.dit), lambda c: cfm_shapes(c.dit)),
-)
+def init_variables(config: ALMTokenizer2Config, key: Array, names: tuple[str, ...] | None = None) -> dict:
+    """Fresh variables of the components (all, or ``names``) from the modules' own initializers: what
+    training starts from. Jit it: the dummy forward passes of the inits are then dead code."""
+    return {c.name: c.init(c.config(config), jax.random.fold_in(key, i))
+            for i, c in enumerate(components(config)) if names is None or c.name in names}
 
 
 def convert_checkpoint(model_state: Mapping[str, np.ndarray], codec_state: Mapping[str, np.ndarray],
                        config: ALMTokenizer2Config, source: str = "release") -> dict[str, dict]:
     """Reference state dicts (``ep*.checkpoint['model']``, ``sqcodec.pth['codec_model']``) -> variables.
 
-    Every key goes to the first component whose rules match it; a key no component knows, a variable no
+    Every key goes to the one component whose key prefix owns it; a key no component owns, a variable no
     key provides and every shape mismatch are collected over all components and raised together as one
     :class:`MappingError` naming ``source``.
     """
-    rules = {comp.name: comp.rules(config) for comp in MODEL_COMPONENTS}
-    parts: dict[str, dict[str, np.ndarray]] = {name: {} for name in rules}
-    unknown = []
-    for key, value in model_state.items():
-        ckey = canonical_key(key)
-        owner = next((name for name, rs in rules.items() if any(r.match(ckey) for r in rs)), None)
-        if owner is None:
-            unknown.append(f"{key} {tuple(np.shape(value))}")
-        else:
-            parts[owner][key] = value
+    states = {MODEL_STATE: model_state, CODEC_STATE: codec_state}
+    converted = [c for c in components(config) if c.source is not None]
     variables, problems = {}, []
-    for comp in MODEL_COMPONENTS:
+    for state_name, state in states.items():
+        owners = [c for c in converted if c.source == state_name]
+        unowned = [f"{k} {tuple(np.shape(v))}" for k, v in state.items() if not any(c.owns(k) for c in owners)]
+        if unowned:
+            problems.append(f"{source}: {len(unowned)} keys of {state_name} belong to no component:\n    "
+                            + "\n    ".join(unowned))
+    for c in converted:
         try:
-            variables[comp.name] = convert_state_dict(parts[comp.name], rules[comp.name], comp.shapes(config),
-                                                      source=f"{source} [{comp.name}]")
+            variables[c.name] = c.load(states[c.source], c.config(config), source=f"{source} [{c.name}]")
         except MappingError as e:
             problems.append(str(e))
-    try:
-        variables["sqcodec"] = load_sqcodec(codec_state, config.sqcodec)
-    except MappingError as e:
-        problems.append(f"{source} [sqcodec]: {e}")
-    if unknown:
-        problems.append(f"{source}: {len(unknown)} keys belong to no component:\n    " + "\n    ".join(unknown))
     if problems:
         raise MappingError("\n".join(problems))
     return jax.tree.map(lambda a: jnp.asarray(a), variables)
@@ -147,6 +117,86 @@ def merge_variables(tree: Mapping) -> dict[str, dict]:
         for component, collections in tree.get(part, {}).items():
             out.setdefault(component, {}).update(collections)
     return out
+
+
+# ------------------------------------------------------------------------------------- model directories
+
+
+def variable_problems(variables: Mapping, config: ALMTokenizer2Config,
+                      names: tuple[str, ...] | None = None) -> list[str]:
+    """Every way ``variables`` (component -> collections) differ from what ``config`` builds: a missing or
+    unknown component, a missing or unknown variable, a shape (stored, then config) that differs."""
+    expected = abstract_variables(config, names)
+    selected = {k: v for k, v in variables.items() if names is None or k in names}
+    problems = [f"component {n}: not stored, but the config builds it" for n in expected if n not in selected]
+    problems += [f"component {n}: stored, but the config does not build it" for n in selected if n not in expected]
+    for name in (n for n in expected if n in selected):
+        want = {"/".join(k): tuple(v.shape) for k, v in traverse_util.flatten_dict(expected[name]).items()}
+        got = {"/".join(k): tuple(np.shape(v)) for k, v in traverse_util.flatten_dict(dict(selected[name])).items()}
+        problems += [f"component {name}: {p}: not stored" for p in sorted(set(want) - set(got))]
+        problems += [f"component {name}: {p}: stored, but the config has no such variable"
+                     for p in sorted(set(got) - set(want))]
+        problems += [f"component {name}: {p}: stored shape {got[p]}, the config implies {want[p]}"
+                     for p in sorted(set(want) & set(got)) if got[p] != want[p]]
+    return problems
+
+
+def pipeline_problems(config: ALMTokenizer2Config) -> list[str]:
+    """Every pipeline number that contradicts what the model is built for (rates of the SQ codec, the
+    experts and the quantizer; window arithmetic of spec 03 §6, B1 and B4; the DiT position table)."""
+    p, sq, e = config.pipeline, config.sqcodec, config.experts
+    problems = []
+    rates = {"sqcodec.sample_rate": sq.sample_rate, "experts.wavlm.input_sample_rate": e.wavlm.input_sample_rate,
+             "experts.musicfm.sample_rate": e.musicfm.sample_rate}
+    problems += [f"pipeline.sample_rate is {p.sample_rate} but {k} is {v}: the model runs on {v} Hz audio"
+                 for k, v in rates.items() if v != p.sample_rate]
+    latent_rate = sq.sample_rate / sq.hop_length
+    if not math.isclose(p.latent_rate, latent_rate):
+        problems.append(f"pipeline.latent_rate is {p.latent_rate} but the SQ codec gives {latent_rate} frames/s "
+                        f"({sq.sample_rate} Hz / hop {sq.hop_length})")
+    token_rate = latent_rate / config.quantizer.interval
+    if not math.isclose(p.token_rate, token_rate):
+        problems.append(f"pipeline.token_rate is {p.token_rate} but the quantizer gives {token_rate} tokens/s "
+                        f"({latent_rate} frames/s / interval {config.quantizer.interval})")
+    if problems:
+        return problems  # the window numbers below are meaningless with the wrong rates
+    window, frames = int(p.min_duration * p.token_rate), int(p.min_duration * p.latent_rate)
+    if frames != 2 * window or window < 4:
+        return [f"pipeline.min_duration {p.min_duration} s gives {window} tokens and {frames} latent frames per "
+                "window; it must give at least 4 tokens and exactly twice as many frames (a multiple of 0.08 s)"]
+    overlap = window - (window // 4) * 3
+    if p.prompt_frames > 2 * overlap:
+        problems.append(f"pipeline.prompt_frames {p.prompt_frames} is longer than the {2 * overlap} latent frames "
+                        f"two windows of pipeline.min_duration {p.min_duration} s share (spec 03 §6.3 B1)")
+    if frames > config.dit.num_positional_embeddings:
+        problems.append(f"pipeline.min_duration {p.min_duration} s gives {frames} latent frames per window, more "
+                        f"than dit.num_positional_embeddings {config.dit.num_positional_embeddings}")
+    return problems
+
+
+def _raise(directory: str | Path, what: str, problems: list[str]) -> None:
+    if problems:
+        raise ModelDirectoryError(f"model directory {directory}: {what}:\n  " + "\n  ".join(problems))
+
+
+def check_model(variables: Mapping, config: ALMTokenizer2Config, where: str | Path,
+                names: tuple[str, ...] | None = None) -> None:
+    """Raise :class:`ModelDirectoryError` naming ``where`` unless ``config`` fits ``variables`` (the
+    components ``names``, default all) and its pipeline numbers fit the model."""
+    _raise(where, "config.yaml does not match the stored weights", variable_problems(variables, config, names))
+    _raise(where, "config.yaml pipeline does not match the model", pipeline_problems(config))
+
+
+def load_model(directory: str | Path) -> tuple[dict, ALMTokenizer2Config]:
+    """``(variables as NumPy, config)`` of a model directory (``convert_torch_weights.py`` or a training
+    export), its config checked against its weights and itself (:func:`check_model`)."""
+    from almtok_jax.train.checkpoint import load_model_dir  # orbax: only when a directory is read
+
+    tree, raw = load_model_dir(directory)
+    config = from_dict(ALMTokenizer2Config, raw, where=f"{directory}/config.yaml")
+    variables = merge_variables(tree)
+    check_model(variables, config, directory)
+    return variables, config
 
 
 # ---------------------------------------------------------------------------------------------- encode
@@ -179,12 +229,10 @@ def fused_features(variables: Mapping, streams: tuple[Array, ...], config: ALMTo
 def encode_segments(variables: Mapping, segments: Array, config: ALMTokenizer2Config,
                     compat: str = "default") -> dict[str, Array]:
     """``(B, N)`` 24 kHz segments -> ``codes (B, T/2, Q)`` int32 at 12.5 Hz, with ``features`` (25 Hz) and
-    ``query`` (the RVQ input). One compilation per segment shape."""
+    ``query`` (the RVQ input). One compilation per segment shape; the query encoder runs once."""
     features = fused_features(variables, expert_streams(variables, segments, config), config, compat)
-    quantizer = QueryQuantizer(config.quantizer)
-    query = quantizer.apply(variables["quantizer"], features, method="encoder_sequence")["query"]
-    codes, _ = quantizer.apply(variables["quantizer"], features, method="quantize")
-    return {"codes": codes, "features": features, "query": query}
+    out = QueryQuantizer(config.quantizer).apply(variables["quantizer"], features, method="encode")
+    return {"codes": out["codes"], "features": features, "query": out["query"]}
 
 
 # ---------------------------------------------------------------------------------------------- decode

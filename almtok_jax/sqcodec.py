@@ -9,7 +9,7 @@ Layouts: every array here is channels-last. Waveforms are ``(B, N, num_bands)`` 
 input when ``num_bands == 1``); latents are ``(B, F, latent_hidden_dim)``.
 
 Entry points (jit-compiled, ``config`` static, ``params`` = the variables ``{"params": ...}`` of
-:func:`load_sqcodec` or ``SQCodec(config).init``):
+:data:`SQCODEC` ``.load`` or ``.init``):
 
 * :func:`sq_encode` -> the **un-quantized** tanh latent (what upstream ``encode`` returns);
 * :func:`sq_decode` -> waveform; quantizes its input first, no clamp, no output activation;
@@ -21,7 +21,7 @@ Lengths (:func:`latent_frames`, :func:`decoded_length`): causal, ``F = ceil(N / 
 decoder gives ``F * hop_length`` samples; non-causal strided convs floor, odd-stride transposed convs add a
 sample each, and with ``num_samples > 1`` the average pool floors.
 
-Loading: :func:`load_sqcodec` converts ``sqcodec.pth['codec_model']`` (keys ``encoder.*``/``decoder.*``,
+Loading: :data:`SQCODEC` converts ``sqcodec.pth['codec_model']`` (keys ``encoder.*``/``decoder.*``,
 old-style weight norm) through :func:`sqcodec_rules`, after checking the checkpoint against the config.
 The five ``encoder.{b}.down_conv.activation.weight`` keys are ONE shared PReLU upstream (a default
 argument evaluated once); like ``load_state_dict`` the last block's copy wins, the others are dropped, and
@@ -46,6 +46,7 @@ import numpy as np
 import yaml
 from flax import traverse_util
 
+from almtok_jax.component import CODEC_STATE, Component, shapes
 from almtok_jax.layers import Conv1d, ConvTranspose1d, PReLU, prelu
 from almtok_jax.mapping import (
     MappingError,
@@ -53,7 +54,6 @@ from almtok_jax.mapping import (
     canonical_key,
     conv1d,
     conv_transpose1d,
-    convert_state_dict,
     flatten,
 )
 
@@ -520,21 +520,19 @@ def check_sqcodec_checkpoint(state_dict: Mapping[str, np.ndarray], config: SQCod
         raise MappingError(f"{source} does not match the SQ codec config {config}:\n  {details}")
 
 
-def load_sqcodec(state_dict: Mapping[str, np.ndarray], config: SQCodecConfig,
-                 source: str = "SQ codec state dict") -> dict:
-    """``sqcodec.pth['codec_model']`` -> Flax variables ``{"params": ...}`` (device arrays, float32).
-
-    Checks the checkpoint against ``config`` first (:func:`check_sqcodec_checkpoint`), then converts with
-    :func:`sqcodec_rules` against the model's own parameter shapes. Warns if the copies of the shared
-    down-sampling PReLU differ (the last one is used, as upstream).
-    """
+def check_codec_state(state_dict: Mapping[str, np.ndarray], config: SQCodecConfig,
+                      source: str = "SQ codec state dict") -> None:
+    """Before conversion: :func:`check_sqcodec_checkpoint`, and a warning if the copies of the shared
+    down-sampling PReLU differ (the last one is used, as upstream)."""
     check_sqcodec_checkpoint(state_dict, config, source)
     slopes = {k: float(np.asarray(v).reshape(-1)[0]) for k, v in state_dict.items()
               if re.fullmatch(r"encoder\.\d+\.down_conv\.activation\.weight", k)}
     if len(set(slopes.values())) > 1:
         warnings.warn(f"{source}: the shared down-sampling PReLU copies differ ({slopes}); using the last "
                       f"block's, as upstream load_state_dict does", stacklevel=2)
-    dummy = jax.ShapeDtypeStruct((1, 2 * config.hop_length, config.num_bands), jnp.float32)
-    expected = jax.eval_shape(SQCodec(config).init, jax.random.key(0), dummy)
-    variables = convert_state_dict(state_dict, sqcodec_rules(config), expected=expected, source=source)
-    return jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), variables)
+
+
+SQCODEC = Component(
+    "sqcodec", frozen=True, config=lambda c: c.sqcodec, module=SQCodec,
+    example_inputs=lambda s: shapes((1, 2 * s.hop_length, s.num_bands)), rules=sqcodec_rules,
+    source=CODEC_STATE, check_state=check_codec_state)

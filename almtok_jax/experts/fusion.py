@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from almtok_jax import mapping
 from almtok_jax.audio import resampled_length
 from almtok_jax.compat import check_compat
+from almtok_jax.component import Component, shapes
 from almtok_jax.experts.whisper import whisper_n_len
 from almtok_jax.layers import Conv1d, Linear
 from almtok_jax.mapping import Rule
@@ -122,3 +123,12 @@ def fusion_rules(config: FusionConfig) -> list[Rule]:
         rules += [Rule(rf"{dense}\.weight", f"params/{dense}/kernel", mapping.linear),
                   Rule(rf"{dense}\.bias", f"params/{dense}/bias")]
     return rules
+
+
+FUSION = Component(
+    "fusion", frozen=False, config=lambda c: c.fusion, module=ExpertFusion,
+    example_inputs=lambda f: shapes((1, 2, f.whisper_dim), (1, 2, f.wavlm_dim), (1, 1, f.bestrq_dim),
+                                    (1, 1, f.bestrq_dim)),
+    rules=fusion_rules,
+    key_names=("d_conv_whisper", "d_conv_wavlm", "cond_fusion_layer_phone", "cond_fusion_layer_semantic",
+               "cond_fusion_layer_acoustic", "feature_proj"))

@@ -22,13 +22,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from almtok_jax.component import Component, shapes
 from almtok_jax.layers import Conv1d, LayerNorm, Linear, dot_product_attention
 from almtok_jax.mapping import Rule, conv1d, conv2d, identity, linear, pointwise_conv
 
 Array = jax.Array
-
-CHECKPOINT_PREFIX = "pretrained_model.model.model."
-
 
 @dataclass(frozen=True)
 class MusicFMConfig:
@@ -363,18 +361,6 @@ class MusicFM(nn.Module):
         return tuple(results[i] for i in c.output_layers)
 
 
-def init_variables(config: MusicFMConfig, key: Array, num_samples: int | None = None) -> dict:
-    """Fresh variables (random params, Hann window, HTK filter bank, running stats 0/1)."""
-    n = num_samples or min_input_length(config)
-    return jax.jit(MusicFM(config).init)(key, jnp.zeros((1, n), jnp.float32))
-
-
-def variable_shapes(config: MusicFMConfig) -> dict:
-    """``jax.ShapeDtypeStruct`` tree of every model variable (the ``expected=`` of ``convert_state_dict``)."""
-    n = min_input_length(config)
-    return jax.eval_shape(MusicFM(config).init, jax.random.PRNGKey(0), jnp.zeros((1, n), jnp.float32))
-
-
 # torch sub-key of a conformer block -> (collection, Flax sub-path, transform)
 _BLOCK_KEYS: dict[str, tuple[str, str, object]] = {
     **{f"{ln}.{w}": ("params", f"{ln.replace('.', '/')}/{f}", identity)
@@ -400,7 +386,7 @@ _BLOCK_KEYS: dict[str, tuple[str, str, object]] = {
 
 
 def musicfm_rules(config: MusicFMConfig) -> list[Rule]:
-    """Rules for the MusicFM25Hz state dict (keys relative to ``pretrained_model.model.model.``).
+    """Rules for the MusicFM25Hz state dict (keys relative to :data:`MUSICFM`'s key prefix).
 
     Blocks beyond the last requested layer, the encoder LayerNorm (unless layer ``encoder_depth`` is
     requested), the unused positional conv, the BEST-RQ quantizer, the logits head, ``cls_token`` and
@@ -460,3 +446,10 @@ def musicfm_features(variables: dict, wav: Array, config: MusicFMConfig) -> tupl
 def with_output_layers(config: MusicFMConfig, layers: tuple[int, ...]) -> MusicFMConfig:
     """The same model returning other layer results (e.g. ``range(encoder_depth + 1)`` for all of them)."""
     return dataclasses.replace(config, output_layers=tuple(layers))
+
+
+# Fresh variables: random params, Hann window, HTK filter bank, running statistics 0/1.
+MUSICFM = Component(
+    "musicfm", frozen=True, config=lambda c: c.experts.musicfm, module=MusicFM,
+    example_inputs=lambda m: shapes((1, min_input_length(m))), rules=musicfm_rules,
+    key_prefix="pretrained_model.model.model.")

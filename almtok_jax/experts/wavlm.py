@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 from almtok_jax import layers
 from almtok_jax.audio import Resampler, resampled_length, resampler_rules
+from almtok_jax.component import Component, shapes
 from almtok_jax.mapping import Rule, conv1d, flatten, identity, linear, prefixed
 
 Array = jax.Array
@@ -336,3 +337,9 @@ class WavLMExpert(nn.Module):
 def wavlm_features(variables: dict, wav24k: Array, config: WavLMConfig) -> Array:
     """Jitted :class:`WavLMExpert`: ``(B, N)`` 24 kHz -> ``(B, T_w, D)`` 50 Hz features."""
     return WavLMExpert(config).apply(variables, wav24k)
+
+
+WAVLM = Component(
+    "wavlm", frozen=True, config=lambda c: c.experts.wavlm, module=WavLMExpert,
+    example_inputs=lambda w: shapes((1, min_input_samples(w))), rules=wavlm_expert_rules,
+    key_names=("wavlm_encoder", "wavlm_transfer"))

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from almtok_jax import mapping
+from almtok_jax.component import Component, shapes
 from almtok_jax.layers import Conv1d, LayerNorm, Linear, dot_product_attention, gelu_exact
 from almtok_jax.mapping import Rule
 
@@ -166,3 +167,9 @@ def whisper_rules(config: WhisperConfig) -> list[Rule]:
         rules += [Rule(_LAYER + rf"{norm}\.weight", f"params/layers/{norm}/scale", stack="i"),
                   Rule(_LAYER + rf"{norm}\.bias", f"params/layers/{norm}/bias", stack="i")]
     return rules
+
+
+WHISPER = Component(
+    "whisper", frozen=True, config=lambda c: c.experts.whisper, module=WhisperEncoder,
+    example_inputs=lambda w: shapes((1, w.num_mel_frames, w.num_mel_bins)), rules=whisper_rules,
+    key_prefix="whisper_encoder.")

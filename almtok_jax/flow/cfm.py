@@ -15,11 +15,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from almtok_jax.flow.dit import ESTIMATOR_PREFIX, DiTConfig, DiTEstimator, dit_rules, init_shapes
+from almtok_jax.component import Component
+from almtok_jax.flow.dit import ESTIMATOR_PREFIX, DiTConfig, DiTEstimator, dit_rules, example_inputs
 from almtok_jax.mapping import Rule, prefixed
 
 Array = jax.Array
@@ -281,14 +283,23 @@ def cfm_rules(config: DiTConfig) -> list[Rule]:
             Rule(r"zero_cond_embedding1", "params/zero_cond_embedding1")]
 
 
-def cfm_shapes(config: DiTConfig) -> dict:
-    """Expected variable shapes for :func:`cfm_rules` (``expected=`` of ``convert_state_dict``)."""
-    est = init_shapes(config)
-    zero = jax.ShapeDtypeStruct((config.cond_dim,), jnp.float32)
-    return {"params": {"estimator": est["params"], "zero_cond_embedding1": zero},
-            "buffers": {"estimator": est["buffers"]}}
-
-
 def estimator_variables(variables: dict) -> dict:
     """The estimator's own variables out of a :func:`cfm_rules` tree."""
     return {"params": variables["params"]["estimator"], "buffers": variables["buffers"]["estimator"]}
+
+
+class ConditionalFlow(nn.Module):
+    """The flow component's variables: the DiT ``estimator`` and ``zero_cond_embedding1 (cond_dim,)``, the
+    learned condition of padding frames (N(0, 1) at init). Calling it runs the estimator."""
+
+    config: DiTConfig
+
+    @nn.compact
+    def __call__(self, h: Array, t: Array) -> Array:
+        self.param("zero_cond_embedding1", nn.initializers.normal(1.0), (self.config.cond_dim,))
+        return DiTEstimator(self.config, name="estimator")(h, t)
+
+
+FLOW = Component(
+    "flow", frozen=False, config=lambda c: c.dit, module=ConditionalFlow, example_inputs=example_inputs,
+    rules=cfm_rules, key_names=("cfm_wrapper", "zero_cond_embedding1"))

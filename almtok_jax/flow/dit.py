@@ -258,12 +258,15 @@ class DiTEstimator(nn.Module):
         return out.astype(jnp.float32)
 
 
+def example_inputs(config: DiTConfig, frames: int = 4) -> tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]:
+    """Shape-only ``(h (1, frames, in_channels), t (1,))`` for the estimator's ``init``."""
+    return (jax.ShapeDtypeStruct((1, frames, config.in_channels), jnp.float32),
+            jax.ShapeDtypeStruct((1,), jnp.float32))
+
+
 def init_shapes(config: DiTConfig, frames: int = 4) -> dict:
-    """``jax.eval_shape`` of the estimator's variables (the ``expected=`` of weight conversion)."""
-    model = DiTEstimator(config)
-    h = jax.ShapeDtypeStruct((1, frames, config.in_channels), jnp.float32)
-    t = jax.ShapeDtypeStruct((1,), jnp.float32)
-    return jax.eval_shape(model.init, jax.random.key(0), h, t)
+    """``jax.eval_shape`` of the bare estimator's variables (the ``expected=`` of its weight conversion)."""
+    return jax.eval_shape(DiTEstimator(config).init, jax.random.key(0), *example_inputs(config, frames))
 
 
 def _drop_batch(a: np.ndarray) -> np.ndarray:

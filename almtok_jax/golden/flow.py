@@ -7,11 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from almtok_jax.flow.cfm import (
+    FLOW,
     FlowLossConfig,
     FlowLossDraws,
     SamplerConfig,
-    cfm_rules,
-    cfm_shapes,
     estimator_variables,
     fill_padding,
     flow_matching_loss,
@@ -28,12 +27,8 @@ from almtok_jax.flow.dit import (
     init_shapes,
 )
 from almtok_jax.golden.runner import Fixture
-from almtok_jax.mapping import Rule, convert_state_dict, prefixed
-from almtok_jax.quantizer import QuantizerConfig, QueryQuantizer, load_variables
-from almtok_jax.quantizer.query import DECODER_PARTS
-
-# Keys of the AudioDiffusion1D state dict that are not the flow part (the quantizer loads those).
-_NOT_FLOW = Rule(r"(?!cfm_wrapper\.|zero_cond_embedding1$).*", None)
+from almtok_jax.mapping import convert_state_dict, prefixed
+from almtok_jax.quantizer.query import DECODER_PARTS, QUANTIZER, QuantizerConfig, QueryQuantizer
 
 
 def _cases(fx: Fixture, stem: str) -> list[str]:
@@ -41,9 +36,8 @@ def _cases(fx: Fixture, stem: str) -> list[str]:
 
 
 def _flow_variables(fx: Fixture, config: DiTConfig) -> dict:
-    """Estimator + ``zero_cond_embedding1``; every other key is dropped on purpose."""
-    return convert_state_dict(fx.state_dict, [*cfm_rules(config), _NOT_FLOW], expected=cfm_shapes(config),
-                              source=fx.path.name)
+    """Estimator + ``zero_cond_embedding1``; the other components' keys are not read."""
+    return FLOW.load(fx.state_dict, config, source=fx.path.name)
 
 
 def dit(fx: Fixture) -> dict[str, np.ndarray]:
@@ -106,7 +100,7 @@ def sampler(fx: Fixture) -> dict[str, np.ndarray]:
     model = DiTEstimator(config)
     # The sampler fixture holds only the quantizer's decoding half (codes → condition).
     q_config = QuantizerConfig.from_meta(fx.config)
-    q_variables = load_variables(fx.state_dict, q_config, source=fx.path.name, parts=DECODER_PARTS)
+    q_variables = QUANTIZER.load(fx.state_dict, q_config, source=fx.path.name, names=DECODER_PARTS)
     quantizer = QueryQuantizer(q_config)
 
     @jax.jit

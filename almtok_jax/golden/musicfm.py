@@ -7,16 +7,8 @@ import functools
 import jax
 import numpy as np
 
-from almtok_jax.experts.musicfm import (
-    CHECKPOINT_PREFIX,
-    MusicFM,
-    MusicFMConfig,
-    musicfm_rules,
-    variable_shapes,
-    with_output_layers,
-)
+from almtok_jax.experts.musicfm import MUSICFM, MusicFM, MusicFMConfig, with_output_layers
 from almtok_jax.golden.runner import Fixture
-from almtok_jax.mapping import convert_state_dict, prefixed
 
 
 @functools.partial(jax.jit, static_argnames="config")
@@ -29,8 +21,7 @@ def musicfm(fx: Fixture) -> dict[str, np.ndarray]:
     """Every ``out/*`` of the fixture; the model is built with all layer results so ``layer_results`` fits."""
     base = MusicFMConfig.from_meta(fx.config)
     config = with_output_layers(base, range(base.encoder_depth + 1))
-    variables = convert_state_dict(fx.state_dict, prefixed(CHECKPOINT_PREFIX, musicfm_rules(config)),
-                                   expected=variable_shapes(config), source=fx.path.name)
+    variables = MUSICFM.load(fx.state_dict, config, source=fx.path.name)
     acoustic_layer, semantic_layer = base.output_layers
     outputs: dict[str, np.ndarray] = {}
     for name, audio in fx.inputs.items():

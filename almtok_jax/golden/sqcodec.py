@@ -6,8 +6,8 @@ import numpy as np
 
 from almtok_jax.golden.runner import Fixture
 from almtok_jax.sqcodec import (
+    SQCODEC,
     SQCodecConfig,
-    load_sqcodec,
     quantize,
     sq_decode,
     sq_forward_trace,
@@ -31,7 +31,7 @@ def sqcodec(fx: Fixture) -> dict[str, np.ndarray]:
     public :func:`sq_decode`. Compiling the codec dominates the run time, so nothing is compiled twice.
     """
     config = SQCodecConfig.from_meta(fx.config)
-    variables = load_sqcodec(fx.state_dict, config, source=fx.path.name)
+    variables = SQCODEC.load(fx.state_dict, config, source=fx.path.name)
     last_encoder = f"encoder.{config.num_stages + (2 if config.num_samples > 1 else 1)}"
     out: dict[str, np.ndarray] = {}
     for t in sorted(k.removeprefix("wav_") for k in fx.inputs if k.startswith("wav_")):

@@ -9,15 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from almtok_jax.experts.wavlm import (
-    WavLMConfig,
-    WavLMExpert,
-    relative_position_bucket,
-    wavlm_expert_rules,
-    wavlm_features,
-)
+from almtok_jax.experts.wavlm import WAVLM, WavLMConfig, WavLMExpert, relative_position_bucket, wavlm_features
 from almtok_jax.golden.runner import Fixture
-from almtok_jax.mapping import convert_state_dict
 
 
 @partial(jax.jit, static_argnames=("config",))
@@ -26,11 +19,8 @@ def _intermediates(variables: dict, wav24k: jax.Array, config: WavLMConfig) -> d
     return jax.tree.map(lambda sown: sown[0], state["intermediates"], is_leaf=lambda v: isinstance(v, tuple))
 
 
-def _load(fx: Fixture, config: WavLMConfig, wav24k: jax.Array) -> dict:
-    expected = jax.eval_shape(WavLMExpert(config).init, jax.random.key(0), wav24k)
-    variables = convert_state_dict(fx.state_dict, wavlm_expert_rules(config), expected=expected,
-                                   source=str(fx.path))
-    return jax.tree.map(jnp.asarray, variables)
+def _load(fx: Fixture, config: WavLMConfig) -> dict:
+    return jax.tree.map(jnp.asarray, WAVLM.load(fx.state_dict, config, source=str(fx.path)))
 
 
 def wavlm(fx: Fixture) -> dict[str, np.ndarray]:
@@ -39,8 +29,8 @@ def wavlm(fx: Fixture) -> dict[str, np.ndarray]:
     every_layer = dataclasses.replace(config, feature_layers=(0, config.num_hidden_layers + 1))
     cases = sorted(name.removeprefix("audio24k_") for name in fx.inputs if name.startswith("audio24k_"))
     inputs = {case: jnp.asarray(fx.inputs[f"audio24k_{case}"][:, 0]) for case in cases}  # upstream: (B, 1, N)
-    variables = _load(fx, config, inputs[cases[0]])
-    variables_every_layer = _load(fx, every_layer, inputs[cases[0]])
+    variables = _load(fx, config)
+    variables_every_layer = _load(fx, every_layer)
     start, stop = config.feature_layers
     out: dict[str, jax.Array] = {}
     for case, wav24k in inputs.items():

@@ -6,24 +6,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from almtok_jax.experts.whisper import (
-    WhisperConfig,
-    WhisperEncoder,
-    whisper_feature,
-    whisper_n_len,
-    whisper_rules,
-)
+from almtok_jax.experts.whisper import WHISPER, WhisperConfig, WhisperEncoder, whisper_feature, whisper_n_len
 from almtok_jax.golden.runner import Fixture
-from almtok_jax.mapping import convert_state_dict, prefixed
 
 
 def whisper_encoder(fx: Fixture) -> dict[str, np.ndarray]:
     config = WhisperConfig.from_fixture(fx.config)
     model = WhisperEncoder(config)
-    mel_shape = (1, config.num_mel_frames, config.num_mel_bins)
-    expected = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros(mel_shape, jnp.float32))
-    variables = convert_state_dict(fx.state_dict, prefixed("whisper_encoder.", whisper_rules(config)),
-                                   expected=expected, source=str(fx.path))
+    variables = WHISPER.load(fx.state_dict, config, source=str(fx.path))
     encode = jax.jit(lambda mel: model.apply(variables, mel, output_hidden_states=True))
     out: dict[str, np.ndarray] = {}
     for case in fx.config["cases"]:

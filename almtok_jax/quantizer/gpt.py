@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from almtok_jax.component import Component, shapes
 from almtok_jax.layers import LayerNorm, Linear, dot_product_attention, gelu_exact
 
 Array = jax.Array
@@ -96,3 +97,10 @@ def gpt_loss(predictor: CodePredictor, params: dict, z: Array, codes: Array) -> 
     if predictor.config.stop_gradient_input:
         z = jax.lax.stop_gradient(z)
     return predictor.config.weight * next_code_loss(predictor.apply({"params": params}, z), codes)
+
+
+# Only training makes it (no reference weights), and only with ``quantizer.gpt_loss.enabled``.
+GPT = Component(
+    "gpt", frozen=False, config=lambda c: c.quantizer, module=code_predictor,
+    example_inputs=lambda q: shapes((1, 2, q.dim)), rules=lambda q: [], source=None,
+    enabled=lambda c: c.quantizer.gpt_loss.enabled)

@@ -14,7 +14,7 @@ the default mode pads the features by repeating the last frame up to the next mu
 first ``T``).
 
 Variables: ``params`` (everything trainable) and ``codebook`` (the RVQ buffers, updated by the training
-forward, never by the optimizer). Load released weights with :func:`load_variables`.
+forward, never by the optimizer). Load released weights with :data:`QUANTIZER` (``.load``).
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ import numpy as np
 
 from almtok_jax import mapping
 from almtok_jax.compat import check_compat
+from almtok_jax.component import Component, shapes
 from almtok_jax.layers import Linear
-from almtok_jax.mapping import Rule, convert_state_dict, prefixed
+from almtok_jax.mapping import Rule, prefixed
 from almtok_jax.quantizer.gpt import GPTLossConfig
 from almtok_jax.quantizer.pronunciation import (
     PronunciationConfig,
@@ -199,10 +200,17 @@ class QueryQuantizer(nn.Module):
             out["phone_loss"] = phone_loss(out["pron_pred"], wavlm_target)
         return out
 
+    def encode(self, features: Array) -> dict[str, Array]:
+        """Eval: features ``(B, T, dim)`` → ``query (B, N, dim)``, ``codes (B, N, Q)`` int32 and
+        ``quantized (B, N, dim)``; the encoder runs once."""
+        query = self.encoder_sequence(features)["query"]
+        vq = self.vq_embed(query)
+        return {"query": query, "codes": vq["codes"], "quantized": vq["quantized"]}
+
     def quantize(self, features: Array) -> tuple[Array, Array]:
         """Eval: features ``(B, T, dim)`` → codes ``(B, N, Q)`` int32 and quantized ``(B, N, dim)``."""
-        vq = self.vq_embed(self.encoder_sequence(features)["query"])
-        return vq["codes"], vq["quantized"]
+        out = self.encode(features)
+        return out["codes"], out["quantized"]
 
     def dequantize(self, codes: Array) -> Array:
         """Codes ``(B, N, Q)`` → DiT condition ``(B, interval·N, dim)`` at 25 Hz."""
@@ -232,11 +240,6 @@ def train_forward(params: dict, codebook: dict, features: Array, config: Quantiz
     return out, state["codebook"]
 
 
-def init_variables(config: QuantizerConfig, key: Array, frames: int = 4) -> dict:
-    """Fresh ``params`` and ``codebook`` (PyTorch-like init); ``frames`` only sizes the dummy input."""
-    return jax.jit(QueryQuantizer(config).init)(key, jnp.zeros((1, frames, config.dim), jnp.float32))
-
-
 def quantizer_rules(config: QuantizerConfig) -> list[Rule]:
     """Every quantizer key of the ``AudioDiffusion1D`` state dict → ``params`` / ``codebook``."""
     rules = [Rule(token, f"params/{token}/embedding") for token in ("cls_token", "mask_token")]
@@ -257,15 +260,15 @@ QUANTIZER_PARTS = ("cls_token", "mask_token", "encoder_transformers", "decoder_t
 DECODER_PARTS = ("mask_token", "decoder_transformers", "decoder_pred", "cond_feature_emb", "vq_embed")
 
 
-def load_variables(state_dict: dict[str, np.ndarray], config: QuantizerConfig, source: str = "state dict",
-                   parts: tuple[str, ...] = QUANTIZER_PARTS) -> dict:
-    """Convert the quantizer keys of a reference (``AudioDiffusion1D``) state dict into ``params`` /
-    ``codebook``; keys of other components are ignored. Every variable of ``parts`` must be provided with
-    the model's shape, and the RoPE buffers must match the config. ``parts=DECODER_PARTS`` loads only what
-    :func:`dequantize` needs."""
-    selected = {k: v for k, v in state_dict.items() if k.split(".")[0] in parts}
-    check_rope_buffers(selected, config.block)
-    expected = jax.eval_shape(lambda k: init_variables(config, k), jax.random.key(0))
-    expected = {col: {name: tree for name, tree in trees.items() if name in parts}
-                for col, trees in expected.items()}
-    return convert_state_dict(selected, quantizer_rules(config), expected, source=source)
+def check_quantizer_state(state_dict: dict[str, np.ndarray], config: QuantizerConfig, source: str) -> None:
+    """The RoPE buffers of the checkpoint must match the config (:func:`check_rope_buffers`)."""
+    del source
+    check_rope_buffers(state_dict, config.block)
+
+
+# Fresh params (PyTorch-like init) and codebook; ``.load(..., names=DECODER_PARTS)`` loads only what
+# :func:`dequantize` needs. The interleaving needs a whole number of query intervals in the dummy input.
+QUANTIZER = Component(
+    "quantizer", frozen=False, config=lambda c: c.quantizer, module=QueryQuantizer,
+    example_inputs=lambda q: shapes((1, 2 * q.interval, q.dim)), rules=quantizer_rules,
+    key_names=QUANTIZER_PARTS, check_state=check_quantizer_state)

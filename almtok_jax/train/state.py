@@ -202,15 +202,21 @@ def make_eval_step(task: Task) -> Callable:
     return eval_step
 
 
+def new_train_state(trainable: Params, extra: Params, optimizer: optax.GradientTransformation,
+                    seed: int) -> TrainState:
+    """The step-0 state around given variables (fresh optimizer state; jit it with shardings)."""
+    base = jax.random.key(seed)
+    return TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, opt_state=optimizer.init(trainable),
+                      extra=extra, rng=jax.random.key_data(jax.random.fold_in(base, 1)),
+                      skipped=jnp.zeros((), jnp.int32))
+
+
 def init_train_state(task: Task, optimizer: optax.GradientTransformation, seed: int,
                      batch: Batch) -> tuple[TrainState, Params]:
-    """Fresh ``(state, frozen)`` (pure function of ``seed`` and the batch shapes; jit it with shardings)."""
-    base = jax.random.key(seed)
-    trainable, frozen, extra = task.init_fn(jax.random.fold_in(base, 0), batch)
-    state = TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable,
-                       opt_state=optimizer.init(trainable), extra=extra,
-                       rng=jax.random.key_data(jax.random.fold_in(base, 1)), skipped=jnp.zeros((), jnp.int32))
-    return state, frozen
+    """Fresh ``(state, frozen)`` from ``task.init_fn`` (pure function of ``seed`` and the batch shapes; jit
+    it with shardings)."""
+    trainable, frozen, extra = task.init_fn(jax.random.fold_in(jax.random.key(seed), 0), batch)
+    return new_train_state(trainable, extra, optimizer, seed), frozen
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -31,42 +31,36 @@ the reference, where ``pre_norm``/``ff_norm`` are identities and no DiT paramete
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from almtok_jax.config import ALMTokenizer2Config, load_model_config
-from almtok_jax.experts.fusion import ExpertFusion
-from almtok_jax.experts.musicfm import MusicFM, min_input_length
-from almtok_jax.experts.wavlm import WavLMExpert, min_input_samples
-from almtok_jax.experts.whisper import WhisperEncoder
 from almtok_jax.flow.cfm import estimator_variables, flow_matching_loss, sample_loss_draws
 from almtok_jax.flow.dit import DiTEstimator
 from almtok_jax.model import (
     FROZEN,
+    check_model,
     decode_latents,
     encode_segments,
     expert_streams,
     fused_features,
     generate_latents,
+    init_variables,
+    load_model,
     merge_variables,
 )
 from almtok_jax.quantizer.gpt import code_predictor, gpt_loss
-from almtok_jax.quantizer.query import QueryQuantizer, train_forward
+from almtok_jax.quantizer.query import train_forward
 from almtok_jax.sqcodec import SQCodec
-from almtok_jax.train.checkpoint import load_model_dir
 from almtok_jax.train.config import TrainConfig
 from almtok_jax.train.state import Batch, Params, Task, path_names
 
 Array = jax.Array
 
-STACKED = ("layers", "blocks", "transformer_blocks")  # nn.scan stacks: leading layer axis on their leaves
 RECONSTRUCT_STEPS = 8  # sampler steps of the training-time audio samples
 REMAT_POLICY = "nothing_saveable"
 
@@ -83,93 +77,12 @@ def task_trees(variables: Mapping) -> tuple[dict, dict, dict]:
     return trainable, frozen, {k: v for k, v in extra.items() if v}
 
 
-def _component_inits(config: ALMTokenizer2Config) -> dict[str, tuple[nn.Module, tuple]]:
-    """Every component's module and the dummy inputs of its ``init`` (shapes only)."""
-    e, f, q, d, s = config.experts, config.fusion, config.quantizer, config.dit, config.sqcodec
-    z = jnp.zeros
-    return {
-        "whisper": (WhisperEncoder(e.whisper), (z((1, e.whisper.num_mel_frames, e.whisper.num_mel_bins)),)),
-        "wavlm": (WavLMExpert(e.wavlm), (z((1, min_input_samples(e.wavlm))),)),
-        "musicfm": (MusicFM(e.musicfm), (z((1, min_input_length(e.musicfm))),)),
-        "fusion": (ExpertFusion(f), (z((1, 2, f.whisper_dim)), z((1, 2, f.wavlm_dim)), z((1, 1, f.bestrq_dim)),
-                                     z((1, 1, f.bestrq_dim)))),
-        "quantizer": (QueryQuantizer(q), (z((1, 2 * q.interval, q.dim)),)),
-        "flow": (DiTEstimator(d), (z((1, 4, d.in_channels)), z((1,)))),
-        "sqcodec": (SQCodec(s), (z((1, 2 * s.hop_length, s.num_bands)),)),
-        **({"gpt": (code_predictor(q), (z((1, 2, q.dim)),))} if q.gpt_loss.enabled else {}),
-    }
-
-
-def _leaf_init(names: list[str], shape: tuple[int, ...], noise: Array, layer_scale: float) -> Array:
-    """A fresh value for the parameter at Flax path ``names`` (PyTorch-like scale, by name and shape) from
-    standard-normal ``noise`` of that shape."""
-    name = names[-1]
-    stacked = int(any(n in STACKED for n in names[:-1]))
-    if name == "bias" or name.endswith("_bias"):
-        return jnp.zeros(shape, jnp.float32)
-    if name in ("scale", "weight_g", "gru_rel_pos_const") or name.endswith("norm_scale"):
-        return jnp.ones(shape, jnp.float32)  # norms; weight norm g = 1 gives unit-norm rows
-    if name in ("self_attn_scale", "ff_scale"):
-        return jnp.full(shape, layer_scale, jnp.float32)  # LayerScale
-    if name in ("weight", "down_activation"):
-        return jnp.full(shape, 0.25, jnp.float32)  # PReLU slopes
-    if name == "scale_shift_table":
-        std = shape[-1] ** -0.5
-    elif len(shape) - stacked <= 1 or name in ("embedding", "rel_attn_embed"):
-        std = 1.0  # learned tokens, filler embeddings, bucket tables
-    else:
-        std = math.prod(shape[stacked:-1]) ** -0.5  # kernels (..., in, out): 1 / sqrt(fan_in)
-    return std * noise
-
-
-def random_params(shapes: Params, key: Array, layer_scale: float) -> Params:
-    """Fill a tree of parameter shapes (``jax.eval_shape`` of an ``init``) with fresh values.
-
-    One random draw for the whole tree, sliced per leaf: cheap to compile, unlike ``jax.jit(Module.init)``
-    (which compiles an RNG per leaf and the dummy forward pass).
-    """
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
-    sizes = [math.prod(leaf.shape) for _, leaf in leaves]
-    noise = jax.random.normal(key, (sum(sizes),), jnp.float32)
-    offsets = np.cumsum([0, *sizes])
-    values = [_leaf_init([str(getattr(k, "key", k)) for k in path], leaf.shape,
-                         noise[offsets[i]: offsets[i + 1]].reshape(leaf.shape), layer_scale)
-              for i, (path, leaf) in enumerate(leaves)]
-    return jax.tree_util.tree_unflatten(treedef, values)
-
-
-def random_variables(config: ALMTokenizer2Config, key: Array) -> dict:
-    """Random variables of every component. ``params`` from :func:`random_params`; every other collection
-    (resample kernels, mel filter banks, windows, RoPE ``inv_freq``, the DiT ``pe`` table, BatchNorm
-    statistics, the RVQ codebooks) from the module's own ``init``, of which only those outputs are kept, so
-    that under ``jit`` the dummy forward pass is dead code."""
-    variables = {}
-    for i, (name, (module, dummies)) in enumerate(_component_inits(config).items()):
-        k_init, k_params = jax.random.split(jax.random.fold_in(key, i))
-        shapes = jax.eval_shape(module.init, k_init, *dummies)
-        params = random_params(shapes["params"], k_params, config.quantizer.block.layer_scale_init)
-        if len(shapes) > 1:
-            real = module.init(k_init, *dummies)
-            variables[name] = {c: v for c, v in real.items() if c != "params"}
-        variables[name] = {**variables.get(name, {}), "params": params}
-    flow = variables["flow"]
-    zero_cond = jax.random.normal(jax.random.fold_in(key, len(variables)), (config.dit.cond_dim,), jnp.float32)
-    variables["flow"] = {"params": {"estimator": flow["params"], "zero_cond_embedding1": zero_cond},
-                         "buffers": {"estimator": flow["buffers"]}}
-    return variables
-
-
-def load_variables(directory: str | Path, config: ALMTokenizer2Config) -> dict:
-    """Model variables (NumPy) of a model directory (``convert_torch_weights.py`` or a training export),
-    checked against the shapes of ``config``."""
-    tree, _ = load_model_dir(directory)
-    variables = merge_variables(tree)
-    expected = jax.eval_shape(lambda k: random_variables(config, k), jax.random.key(0))
-    got = jax.tree.map(np.shape, variables)
-    want = jax.tree.map(lambda x: tuple(x.shape), expected)
-    if got != want:
-        raise ValueError(f"{directory}: the variables do not match the model preset "
-                         f"(expected {jax.tree.structure(want)}, got {jax.tree.structure(got)}, or shapes differ)")
+def directory_variables(directory: str | Path, config: ALMTokenizer2Config) -> dict:
+    """Model variables (NumPy) of a model directory (``convert_torch_weights.py`` or a training export):
+    its own config checked against its weights (:func:`~almtok_jax.model.load_model`), then the weights
+    against the training model ``config``."""
+    variables, _ = load_model(directory)
+    check_model(variables, config, f"{directory} (for the training model config)")
     return variables
 
 
@@ -244,17 +157,17 @@ def training_model_config(model_config_path: str | Path, train_config: TrainConf
 
 
 def train_task(model_config_path: str | Path, train_config: TrainConfig) -> Task:
-    """The :class:`Task` of ALMTokenizer2 for a model preset and ``train_config.init`` (``"random"`` or a
-    model directory, whose weights become constants of the init program: fine for small models; large
-    ones are better put on devices by the caller with :func:`task_trees`)."""
+    """The :class:`Task` of ALMTokenizer2 for a model preset: ``init_fn`` gives every component's variables
+    from the modules' own initializers, ``load_fn`` those of a model directory (host arrays, checked against
+    the preset)."""
     config = training_model_config(model_config_path, train_config)
 
     def init_fn(rng: Array, batch: Batch) -> tuple[Params, Params, Params]:
         del batch  # variable shapes do not depend on the segment length
-        return task_trees(random_variables(config, rng))
+        return task_trees(init_variables(config, rng))
 
     def load_fn(directory: str) -> tuple[Params, Params, Params]:
-        return task_trees(load_variables(directory, config))
+        return task_trees(directory_variables(directory, config))
 
     def loss_fn(trainable, frozen, extra, batch, rng):
         return training_loss(trainable, frozen, extra, batch, rng, config)

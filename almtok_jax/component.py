@@ -1,0 +1,96 @@
+"""The component contract: everything the rest of the package needs to know about one part of the model.
+
+Each component module defines one :class:`Component` at its bottom; :data:`almtok_jax.model.COMPONENTS`
+lists them in the order of the model picture. A component says
+
+* how it is built: ``config(model_config)`` picks its config out of the
+  :class:`~almtok_jax.config.ALMTokenizer2Config`, ``module(config)`` builds the Flax module and
+  ``example_inputs(config)`` gives the (shape-only) inputs of its ``init``;
+* where its weights come from: ``source`` names the reference state dict (:data:`MODEL_STATE`,
+  :data:`CODEC_STATE`, or ``None`` for a part only training makes), ``key_prefix`` is prepended to every
+  rule of ``rules(config)`` (the one place a prefix is attached) and, with ``key_names``, routes a key of
+  that state dict to this component (first dotted names after the prefix; ``None``: every key under it);
+  ``check_state`` (optional) checks the routed keys against the config before conversion;
+* its variables: :meth:`Component.init` (the module's own initializers, the training init) and
+  :meth:`Component.abstract_variables` (their shapes, what conversion and model directories are checked
+  against); :meth:`Component.load` converts the routed keys of a reference state dict.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from almtok_jax.mapping import Rule, convert_state_dict, prefixed
+
+MODEL_STATE = "ep*.checkpoint['model']"
+CODEC_STATE = "sqcodec.pth['codec_model']"
+
+
+def always(model_config: Any) -> bool:
+    del model_config
+    return True
+
+
+def shapes(*shape_list: tuple[int, ...]) -> tuple[jax.ShapeDtypeStruct, ...]:
+    """float32 example inputs of the given shapes."""
+    return tuple(jax.ShapeDtypeStruct(s, jnp.float32) for s in shape_list)
+
+
+@dataclass(frozen=True)
+class Component:
+    """One part of the model (module docstring)."""
+
+    name: str
+    frozen: bool
+    config: Callable[[Any], Any]
+    module: Callable[[Any], nn.Module]
+    example_inputs: Callable[[Any], tuple[jax.ShapeDtypeStruct, ...]]
+    rules: Callable[[Any], list[Rule]]
+    source: str | None = MODEL_STATE
+    key_prefix: str = ""
+    key_names: tuple[str, ...] | None = None
+    check_state: Callable[[Mapping[str, np.ndarray], Any, str], None] | None = None
+    enabled: Callable[[Any], bool] = always
+
+    def owns(self, key: str, names: tuple[str, ...] | None = None) -> bool:
+        """Whether state-dict ``key`` of :attr:`source` belongs here (restricted to ``names`` if given)."""
+        if not key.startswith(self.key_prefix):
+            return False
+        allowed = names if names is not None else self.key_names
+        return allowed is None or key[len(self.key_prefix):].split(".")[0] in allowed
+
+    def key_rules(self, config: Any) -> list[Rule]:
+        """:attr:`rules` on full state-dict keys."""
+        return prefixed(self.key_prefix, self.rules(config))
+
+    def abstract_variables(self, config: Any) -> dict:
+        """``jax.ShapeDtypeStruct`` tree of every variable (``jax.eval_shape`` of the module's ``init``)."""
+        return jax.eval_shape(self.module(config).init, jax.random.key(0), *self.example_inputs(config))
+
+    def init(self, config: Any, key: jax.Array) -> dict:
+        """Fresh variables from the module's own initializers (jit it: the dummy forward pass is then dead)."""
+        inputs = [jnp.zeros(x.shape, x.dtype) for x in self.example_inputs(config)]
+        return self.module(config).init(key, *inputs)
+
+    def load(self, state_dict: Mapping[str, np.ndarray], config: Any, source: str = "state dict",
+             names: tuple[str, ...] | None = None) -> dict:
+        """Variables (NumPy) from the keys of ``state_dict`` this component owns; other keys are ignored.
+
+        ``names`` (key names, equal to the module's top-level submodule names) loads only those parts.
+        Raises :class:`~almtok_jax.mapping.MappingError` naming ``source`` and every problem.
+        """
+        owned = {k: v for k, v in state_dict.items() if self.owns(k, names)}
+        if self.check_state is not None:
+            self.check_state(owned, config, source)
+        expected = self.abstract_variables(config)
+        if names is not None:
+            expected = {col: {n: t for n, t in tree.items() if n in names} for col, tree in expected.items()}
+            expected = {col: tree for col, tree in expected.items() if tree}
+        return convert_state_dict(owned, self.key_rules(config), expected, source=source)
