@@ -29,6 +29,9 @@ Array = jax.Array
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
+SAMPLE_RATE = 24000  # Hz: the waveform rate of the codec (its input and output audio, as released)
+
+
 class AudioError(ValueError):
     """An audio file or waveform that cannot be used (unreadable, empty, non-finite, wrong length)."""
 

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from almtok_jax.audio import resample, whisper_log_mel
+from almtok_jax.compat import Compat
 from almtok_jax.config import ALMTokenizer2Config
 from almtok_jax.experts.fusion import ExpertFusion, fusion_rules
 from almtok_jax.experts.musicfm import CHECKPOINT_PREFIX as MUSICFM_PREFIX
@@ -170,18 +171,18 @@ def expert_streams(variables: Mapping, segments: Array, config: ALMTokenizer2Con
 
 
 def fused_features(variables: Mapping, streams: tuple[Array, ...], config: ALMTokenizer2Config,
-                   compat: str = "default") -> Array:
+                   compat: Compat = "default") -> Array:
     """Expert streams (:func:`expert_streams`) -> fused 25 Hz features ``(B, T, codec_dim)``."""
     return ExpertFusion(config.fusion, compat).apply(variables["fusion"], *streams)
 
 
 @partial(jax.jit, static_argnames=("config", "compat"))
 def encode_segments(variables: Mapping, segments: Array, config: ALMTokenizer2Config,
-                    compat: str = "default") -> dict[str, Array]:
+                    compat: Compat = "default") -> dict[str, Array]:
     """``(B, N)`` 24 kHz segments -> ``codes (B, T/2, Q)`` int32 at 12.5 Hz, with ``features`` (25 Hz) and
     ``query`` (the RVQ input). One compilation per segment shape."""
     features = fused_features(variables, expert_streams(variables, segments, config), config, compat)
-    quantizer = QueryQuantizer(config.quantizer)
+    quantizer = QueryQuantizer(config.quantizer, compat)
     query = quantizer.apply(variables["quantizer"], features, method="encoder_sequence")["query"]
     codes, _ = quantizer.apply(variables["quantizer"], features, method="quantize")
     return {"codes": codes, "features": features, "query": query}

@@ -46,6 +46,7 @@ import numpy as np
 import yaml
 from flax import traverse_util
 
+from almtok_jax.audio import SAMPLE_RATE
 from almtok_jax.layers import Conv1d, ConvTranspose1d, PReLU, prelu
 from almtok_jax.mapping import (
     MappingError,
@@ -72,7 +73,7 @@ class SQCodecConfig:
     """
 
     num_bands: int = 1
-    sample_rate: int = 24000
+    sample_rate: int = SAMPLE_RATE
     causal: bool = True
     num_samples: int = 1
     downsample_factors: tuple[int, ...] = (3, 4, 4, 4, 5)

@@ -21,11 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from almtok_jax.audio import AudioError, resample
-from almtok_jax.compat import check_compat
-from almtok_jax.config import ALMTokenizer2Config, from_dict
+from almtok_jax.compat import Compat, check_compat
+from almtok_jax.config import ALMTokenizer2Config, model_config_from_dict
 from almtok_jax.model import decode_latents, encode_segments, generate_latents, merge_variables
 from almtok_jax.pipeline import (
-    Compat,
     PipelineConfig,
     WindowPlan,
     cross_fade,
@@ -82,7 +81,7 @@ class ALMTokenizer2:
 
         tree, config = load_model_dir(checkpoint_dir)
         variables = jax.tree.map(jnp.asarray, merge_variables(tree))
-        return cls(variables, from_dict(ALMTokenizer2Config, config, where=f"{checkpoint_dir}/config.yaml"), compat)
+        return cls(variables, model_config_from_dict(config, where=f"{checkpoint_dir}/config.yaml"), compat)
 
     @property
     def pipeline(self) -> PipelineConfig:

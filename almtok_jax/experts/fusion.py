@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from almtok_jax import mapping
 from almtok_jax.audio import resampled_length
-from almtok_jax.compat import check_compat
+from almtok_jax.compat import Compat, check_compat
 from almtok_jax.experts.whisper import whisper_n_len
 from almtok_jax.layers import Conv1d, Linear
 from almtok_jax.mapping import Rule
@@ -83,7 +83,7 @@ class ExpertFusion(nn.Module):
     """The fusion glue: expert streams (channels-last) -> ``total_feature (B, T, codec_dim)`` at 25 Hz."""
 
     config: FusionConfig
-    compat: str = "default"
+    compat: Compat = "default"
 
     @nn.compact
     def __call__(self, whisper: Array, wavlm: Array, bestrq_acoustic: Array, bestrq_semantic: Array) -> Array:

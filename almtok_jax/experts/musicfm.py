@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from almtok_jax.audio import SAMPLE_RATE
 from almtok_jax.layers import Conv1d, LayerNorm, Linear, dot_product_attention
 from almtok_jax.mapping import Rule, conv1d, conv2d, identity, linear, pointwise_conv
 
@@ -34,7 +35,7 @@ CHECKPOINT_PREFIX = "pretrained_model.model.model."
 class MusicFMConfig:
     """Hyper-parameters; the defaults are the released MusicFM-25Hz (1024-d, 12 conformer layers)."""
 
-    sample_rate: int = 24000
+    sample_rate: int = SAMPLE_RATE
     label_rate: int = 25
     # Mel front end (torchaudio MelSpectrogram defaults behind MusicFM's MelSTFT).
     n_fft: int = 2048

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from almtok_jax import layers
-from almtok_jax.audio import Resampler, resampled_length, resampler_rules
+from almtok_jax.audio import SAMPLE_RATE, Resampler, resampled_length, resampler_rules
 from almtok_jax.mapping import Rule, conv1d, flatten, identity, linear, prefixed
 
 Array = jax.Array
@@ -47,7 +47,7 @@ class WavLMConfig:
     layer_norm_eps: float = 1e-5
     feature_layers: tuple[int, int] = (6, 10)  # average of hidden_states[start:stop]
     pad_samples: int = 160  # zeros appended to the 16 kHz input
-    input_sample_rate: int = 24000
+    input_sample_rate: int = SAMPLE_RATE
     sample_rate: int = 16000
 
     def __post_init__(self):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import flax.linen as nn
 import jax
@@ -49,7 +49,7 @@ class DiTConfig:
     timestep_scale: float = 1000.0
     timestep_max_period: float = 10000.0
     proj_kernel_size: int = 3
-    dtype: str = "float32"  # compute dtype of matmuls/convs ("float32" | "bfloat16"); params stay float32
+    dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype of matmuls/convs; params stay float32
     remat_policy: str | None = None  # name in jax.checkpoint_policies (e.g. "nothing_saveable") for training
 
     def __post_init__(self) -> None:

@@ -120,8 +120,8 @@ def rvq_train(fx: Fixture) -> dict[str, np.ndarray]:
 
 def query_quantizer(fx: Fixture) -> dict[str, np.ndarray]:
     """The eval chain per case; ``pron_pred`` channels-first, the rest channels-last."""
-    config = QuantizerConfig.from_meta(fx.config, compat="release")
-    model = QueryQuantizer(config)
+    config = QuantizerConfig.from_meta(fx.config)
+    model = QueryQuantizer(config, compat="release")
     variables = load_variables(fx.state_dict, config, source=fx.path.name)
 
     @jax.jit

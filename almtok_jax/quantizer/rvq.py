@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Literal
 
 import flax.linen as nn
 import jax
@@ -46,7 +47,7 @@ class RVQConfig:
     eps: float = 1e-5
     commitment_weight: float = 1.0
     threshold_ema_dead_code: float = 2.0
-    gradient: str = "rotation_trick"  # or "straight_through" (the library before 1.18)
+    gradient: Literal["rotation_trick", "straight_through"] = "rotation_trick"  # straight-through: library < 1.18
 
     def __post_init__(self):
         if self.gradient not in ("rotation_trick", "straight_through"):
