@@ -203,11 +203,6 @@ class LogMelConfig:
     def n_frames(self) -> int:
         return self.n_samples // self.hop_length
 
-    @classmethod
-    def from_fixture(cls, config: dict) -> LogMelConfig:
-        fe = config["feature_extractor"]
-        return cls(fe["sampling_rate"], fe["n_fft"], fe["hop_length"], fe["feature_size"], fe["chunk_length"])
-
 
 def hann_window(n: int) -> np.ndarray:
     """Periodic Hann window ``0.5 - 0.5 cos(2 pi k / n)``, float32 ``(n,)``.

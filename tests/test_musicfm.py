@@ -20,6 +20,7 @@ from almtok_jax.experts.musicfm import (
     trimmed_length,
     variable_shapes,
 )
+from almtok_jax.golden.configs import musicfm_config
 from almtok_jax.golden.runner import load_fixture
 from almtok_jax.mapping import MappingError, convert_state_dict, prefixed
 
@@ -75,7 +76,7 @@ def test_blocks_beyond_last_requested_layer_are_not_created():
 
 
 def test_fixture_loads_only_needed_layers_and_matches(fixture):
-    config = MusicFMConfig.from_meta(fixture.config)
+    config = musicfm_config(fixture.config)
     assert config.output_layers == (4, 11) and config.num_blocks == 11
     variables = convert_state_dict(fixture.state_dict, prefixed(CHECKPOINT_PREFIX, musicfm_rules(config)),
                                    expected=variable_shapes(config))
@@ -91,7 +92,7 @@ def test_fixture_loads_only_needed_layers_and_matches(fixture):
 
 
 def test_missing_needed_block_is_reported(fixture):
-    config = MusicFMConfig.from_meta(fixture.config)
+    config = musicfm_config(fixture.config)
     key = CHECKPOINT_PREFIX + "conformer.layers.3.self_attn.linear_q.weight"
     state = {k: v for k, v in fixture.state_dict.items() if k != key}
     with pytest.raises(MappingError, match="layers"):

@@ -11,6 +11,7 @@ import numpy as np
 import optax
 import pytest
 
+from almtok_jax.golden.configs import quantizer_config
 from almtok_jax.quantizer import (
     BlockConfig,
     CodePredictor,
@@ -128,7 +129,7 @@ def test_decoder_only_loading_matches_sampler_fixture(shared_dir):
     from almtok_jax.quantizer.query import DECODER_PARTS, load_variables
 
     fx = load_fixture(shared_dir / "fixtures/core/sampler.npz")
-    config = QuantizerConfig.from_meta(fx.config)
+    config = quantizer_config(fx.config)
     variables = load_variables(fx.state_dict, config, parts=DECODER_PARTS)  # DiT keys are ignored
     assert "encoder_transformers" not in variables["params"]
     codes = jnp.asarray(fx.inputs["codes_noprefix"]).transpose(0, 2, 1)

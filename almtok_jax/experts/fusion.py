@@ -40,12 +40,6 @@ class FusionConfig:
     bestrq_dim: int = 1024
     codec_dim: int = 768
 
-    @classmethod
-    def from_arch(cls, fusion: dict) -> FusionConfig:
-        """From the ``fusion`` section of a release ``arch.json`` (layer in/out sizes)."""
-        return cls(fusion["d_conv_whisper"]["in"], fusion["d_conv_wavlm"]["in"],
-                   fusion["cond_fusion_layer_semantic"]["in"], fusion["feature_proj"]["out"])
-
 
 @dataclass(frozen=True)
 class FusionLengths:

@@ -11,7 +11,6 @@ Rates: 16 kHz samples in, 50 Hz frames out (hop 320). Everything is channels-las
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from functools import partial
@@ -70,22 +69,6 @@ class WavLMConfig:
     def num_layers_used(self) -> int:
         """Transformer layers computed: ``hidden_states[k]`` is the output of layer ``k - 1``."""
         return self.feature_layers[1] - 1
-
-    @classmethod
-    def from_hf(cls, hf: dict, **overrides) -> WavLMConfig:
-        """From a transformers ``WavLMConfig`` dict (e.g. fixture ``meta["config"]["wavlm_model"]``).
-
-        Dropout / SpecAugment settings are training-only and ignored; architecture variants this port does
-        not implement (stable-layer-norm, layer-norm feature extractor, other activations) are rejected.
-        """
-        unsupported = {"feat_extract_norm": "group", "do_stable_layer_norm": False,
-                       "feat_extract_activation": "gelu", "hidden_act": "gelu"}
-        for key, want in unsupported.items():
-            if hf.get(key, want) != want:
-                raise ValueError(f"WavLM with {key}={hf[key]!r} is not supported (only {want!r})")
-        names = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in hf.items() if k in names}
-        return cls(**{**kwargs, **overrides})
 
 
 def num_frames(num_samples_16k: int, config: WavLMConfig) -> int:

@@ -76,10 +76,6 @@ class FlowLossConfig:
     padding_weight: float = 0.01  # loss weight of mask-0 frames; prompt frames weigh 0, targets 1
     validation_t: float = 0.5  # flow time used in validation mode
 
-    @classmethod
-    def from_fixture(cls, config: dict) -> FlowLossConfig:
-        return cls(sigma_min=config.get("sigma_min", cls.sigma_min))
-
 
 @dataclass(frozen=True)
 class FlowLossDraws:

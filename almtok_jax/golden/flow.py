@@ -7,7 +7,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from almtok_jax.flow.cfm import (
-    FlowLossConfig,
     FlowLossDraws,
     SamplerConfig,
     cfm_rules,
@@ -27,9 +26,10 @@ from almtok_jax.flow.dit import (
     dit_rules,
     init_shapes,
 )
+from almtok_jax.golden.configs import dit_config, flow_loss_config, quantizer_config
 from almtok_jax.golden.runner import Fixture
 from almtok_jax.mapping import Rule, convert_state_dict, prefixed
-from almtok_jax.quantizer import QuantizerConfig, QueryQuantizer, load_variables
+from almtok_jax.quantizer import QueryQuantizer, load_variables
 from almtok_jax.quantizer.query import DECODER_PARTS
 
 # Keys of the AudioDiffusion1D state dict that are not the flow part (the quantizer loads those).
@@ -47,7 +47,7 @@ def _flow_variables(fx: Fixture, config: DiTConfig) -> dict:
 
 
 def dit(fx: Fixture) -> dict[str, np.ndarray]:
-    config = DiTConfig.from_fixture(fx.config)
+    config = dit_config(fx.config)
     variables = convert_state_dict(fx.state_dict, prefixed(ESTIMATOR_PREFIX, dit_rules(config)),
                                    expected=init_shapes(config), source=fx.path.name)
     model = DiTEstimator(config)
@@ -66,8 +66,8 @@ def dit(fx: Fixture) -> dict[str, np.ndarray]:
 
 
 def flow_loss(fx: Fixture) -> dict[str, np.ndarray]:
-    config = DiTConfig.from_fixture(fx.config)
-    loss_config = FlowLossConfig.from_fixture(fx.config)
+    config = dit_config(fx.config)
+    loss_config = flow_loss_config(fx.config)
     variables = _flow_variables(fx, config)
     model = DiTEstimator(config)
 
@@ -98,14 +98,14 @@ def flow_loss(fx: Fixture) -> dict[str, np.ndarray]:
 
 
 def sampler(fx: Fixture) -> dict[str, np.ndarray]:
-    config = DiTConfig.from_fixture(fx.config)
+    config = dit_config(fx.config)
     sigma_min = fx.config.get("sigma_min", SamplerConfig.sigma_min)
     variables = _flow_variables(fx, config)
     est = estimator_variables(variables)
     zero_cond = variables["params"]["zero_cond_embedding1"]
     model = DiTEstimator(config)
     # The sampler fixture holds only the quantizer's decoding half (codes → condition).
-    q_config = QuantizerConfig.from_meta(fx.config)
+    q_config = quantizer_config(fx.config)
     q_variables = load_variables(fx.state_dict, q_config, source=fx.path.name, parts=DECODER_PARTS)
     quantizer = QueryQuantizer(q_config)
 

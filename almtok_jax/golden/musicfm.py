@@ -15,6 +15,7 @@ from almtok_jax.experts.musicfm import (
     variable_shapes,
     with_output_layers,
 )
+from almtok_jax.golden.configs import musicfm_config
 from almtok_jax.golden.runner import Fixture
 from almtok_jax.mapping import convert_state_dict, prefixed
 
@@ -27,7 +28,7 @@ def _run(variables: dict, wav: jax.Array, config: MusicFMConfig) -> tuple[tuple[
 
 def musicfm(fx: Fixture) -> dict[str, np.ndarray]:
     """Every ``out/*`` of the fixture; the model is built with all layer results so ``layer_results`` fits."""
-    base = MusicFMConfig.from_meta(fx.config)
+    base = musicfm_config(fx.config)
     config = with_output_layers(base, range(base.encoder_depth + 1))
     variables = convert_state_dict(fx.state_dict, prefixed(CHECKPOINT_PREFIX, musicfm_rules(config)),
                                    expected=variable_shapes(config), source=fx.path.name)

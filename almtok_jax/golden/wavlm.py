@@ -16,6 +16,7 @@ from almtok_jax.experts.wavlm import (
     wavlm_expert_rules,
     wavlm_features,
 )
+from almtok_jax.golden.configs import wavlm_config
 from almtok_jax.golden.runner import Fixture
 from almtok_jax.mapping import convert_state_dict
 
@@ -34,7 +35,7 @@ def _load(fx: Fixture, config: WavLMConfig, wav24k: jax.Array) -> dict:
 
 
 def wavlm(fx: Fixture) -> dict[str, np.ndarray]:
-    config = WavLMConfig.from_hf(fx.config["wavlm_model"])
+    config = wavlm_config(fx.config["wavlm_model"])
     # out/hidden_states holds every layer of the checkpoint; the feature path stops at the last averaged one.
     every_layer = dataclasses.replace(config, feature_layers=(0, config.num_hidden_layers + 1))
     cases = sorted(name.removeprefix("audio24k_") for name in fx.inputs if name.startswith("audio24k_"))

@@ -7,18 +7,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from almtok_jax.experts.whisper import (
-    WhisperConfig,
     WhisperEncoder,
     whisper_feature,
     whisper_n_len,
     whisper_rules,
 )
+from almtok_jax.golden.configs import whisper_fixture_config
 from almtok_jax.golden.runner import Fixture
 from almtok_jax.mapping import convert_state_dict, prefixed
 
 
 def whisper_encoder(fx: Fixture) -> dict[str, np.ndarray]:
-    config = WhisperConfig.from_fixture(fx.config)
+    config = whisper_fixture_config(fx.config)
     model = WhisperEncoder(config)
     mel_shape = (1, config.num_mel_frames, config.num_mel_bins)
     expected = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros(mel_shape, jnp.float32))

@@ -70,19 +70,6 @@ class QuantizerConfig:
     def dim(self) -> int:
         return self.block.dim
 
-    @classmethod
-    def from_meta(cls, config: dict, **overrides) -> QuantizerConfig:
-        """From a ``query_quantizer`` fixture's ``meta["config"]``."""
-        pron = config.get("pron")
-        # A decoder-only fixture (the sampler) has no encoder blocks: the released depth stands in.
-        return cls(block=BlockConfig.from_meta(config["dim"], config["block_kwargs"]),
-                   encoder_depth=config.get("enc_blocks", cls.encoder_depth),
-                   decoder_depth=config["dec_blocks"],
-                   interval=config.get("interval", 2), rvq=RVQConfig.from_meta(config["rvq"]),
-                   pronunciation=(PronunciationConfig.from_meta(pron, config.get("pron_decoder_defaults"))
-                                  if pron else PronunciationConfig()),
-                   **overrides)
-
 
 def interleave_queries(features: Array, query: Array, interval: int) -> Array:
     """``(B, T, D)`` frames → ``(B, T + T/interval, D)``: ``[f0, f1, C, f2, f3, C, ...]`` (T divisible)."""

@@ -54,16 +54,6 @@ class RVQConfig:
             raise ValueError(f"RVQConfig.gradient must be 'rotation_trick' or 'straight_through', "
                              f"got {self.gradient!r}")
 
-    @classmethod
-    def from_meta(cls, rvq: dict) -> RVQConfig:
-        """From a fixture's ``config["rvq"]`` (the ResidualVQ keyword arguments)."""
-        if rvq.get("use_cosine_sim", False):
-            raise NotImplementedError("cosine-similarity codebooks are not used by ALMTokenizer2")
-        return cls(dim=rvq["dim"], codebook_size=rvq["codebook_size"], codebook_dim=rvq["codebook_dim"],
-                   num_quantizers=rvq["num_quantizers"], decay=rvq["decay"],
-                   commitment_weight=rvq["commitment_weight"],
-                   threshold_ema_dead_code=float(rvq["threshold_ema_dead_code"]))
-
 
 def code_distances(r: Array, embed: Array) -> Array:
     """Euclidean distances ``(M, K)`` of rows ``r (M, C)`` to codes ``embed (K, C)``, in the library's
