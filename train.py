@@ -28,7 +28,7 @@ import yaml
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from almtok_jax.config import load_yaml, override, save_yaml
+from almtok_jax.config import load_model_config, load_yaml, override, save_yaml, to_dict
 from almtok_jax.train import checkpoint as ckpt_lib
 from almtok_jax.train import data as data_lib
 from almtok_jax.train import sharding as shard_lib
@@ -71,9 +71,10 @@ def put_global(tree: object, shardings: object) -> object:
 
 
 def model_config_text(config: TrainConfig) -> str:
+    """A model directory's ``config.yaml``: every value of the model (a preset lists only its differences)."""
     if config.model == "toy":
         return yaml.safe_dump({"model": "toy"})
-    return Path(config.model).read_text()
+    return yaml.safe_dump(to_dict(load_model_config(config.model)), sort_keys=False)
 
 
 def main(argv: list[str] | None = None) -> None:

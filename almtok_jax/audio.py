@@ -29,6 +29,9 @@ Array = jax.Array
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
+SAMPLE_RATE = 24000  # Hz: the waveform rate of the codec (its input and output audio, as released)
+
+
 class AudioError(ValueError):
     """An audio file or waveform that cannot be used (unreadable, empty, non-finite, wrong length)."""
 
@@ -199,11 +202,6 @@ class LogMelConfig:
     @property
     def n_frames(self) -> int:
         return self.n_samples // self.hop_length
-
-    @classmethod
-    def from_fixture(cls, config: dict) -> LogMelConfig:
-        fe = config["feature_extractor"]
-        return cls(fe["sampling_rate"], fe["n_fft"], fe["hop_length"], fe["feature_size"], fe["chunk_length"])
 
 
 def hann_window(n: int) -> np.ndarray:

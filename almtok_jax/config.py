@@ -1,16 +1,10 @@
-"""One tree of frozen dataclasses for every hyper-parameter, with YAML load/save.
-
-Each component's config class lives next to the module it configures (``SQCodecConfig`` in
-:mod:`almtok_jax.sqcodec`, ...) and is re-exported here; :class:`ALMTokenizer2Config` ties them together.
-Presets are YAML files in ``configs/``: ``almtokenizer2.yaml`` is the released architecture, the
-``tiny_*.yaml`` files are the test architectures of the fixtures.
-"""
-
 from __future__ import annotations
 
 import dataclasses
 import types
 import typing
+import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -18,48 +12,111 @@ import yaml
 
 T = TypeVar("T")
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config key or value that its dataclass does not allow; the message names key, value and what is
+    allowed."""
 
 
 def _is_dataclass_type(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
 
+def _allowed(tp: Any) -> str:
+    """What a value of annotation ``tp`` may be, in words."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if _is_dataclass_type(tp):
+        return f"a mapping of {tp.__name__} keys"
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _allowed(a) for a in args)
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of ({_allowed(args[0])})"
+        return f"a list of {len(args)} values ({', '.join(_allowed(a) for a in args)})"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[tp]
+
+
 def _build(tp: Any, value: Any, where: str) -> Any:
-    """Turn plain YAML data into ``tp`` (dataclasses, tuples, optionals), checking field names."""
-    origin = typing.get_origin(tp)
+    """Turn plain YAML data into a value of annotation ``tp`` (dataclasses, tuples, optionals, literals,
+    scalars), raising :class:`ConfigError` naming ``where``, the value and what is allowed."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+
+    def bad() -> ConfigError:
+        return ConfigError(f"{where}: {value!r} is not allowed; expected {_allowed(tp)}")
+
     if _is_dataclass_type(tp):
         if isinstance(value, tp):
             return value
-        if not isinstance(value, dict):
-            raise ValueError(f"{where}: expected a mapping for {tp.__name__}, got {value!r}")
+        if not isinstance(value, Mapping):
+            raise bad()
         return from_dict(tp, value, where)
+    if origin is typing.Literal:
+        if value not in args or isinstance(value, bool):
+            raise bad()
+        return value
     if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _build(inner[0], value, where) if len(inner) == 1 else value
-    if origin is tuple:
-        args = typing.get_args(tp)
         if value is None:
-            return None
+            if type(None) in args:
+                return None
+            raise bad()
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) != 1:
+            raise TypeError(f"{where}: unsupported config annotation {tp}")
+        try:
+            return _build(inner[0], value, where)
+        except ConfigError:
+            raise bad() from None
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise bad()
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_build(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise bad()
         return tuple(_build(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad()
+        return value
+    if tp is int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise bad()
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise bad() from None
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise bad()
         return float(value)
-    return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad()
+        return value
+    raise TypeError(f"{where}: unsupported config annotation {tp}")
 
 
-def from_dict(cls: type[T], data: dict, where: str | None = None) -> T:
-    """Build dataclass ``cls`` from a nested dict; unknown keys are an error naming the key."""
+def from_dict(cls: type[T], data: Mapping, where: str | None = None, *, complete: bool = False) -> T:
+    """Build dataclass ``cls`` from plain nested data, checking every key and every value against its
+    declared type (:class:`ConfigError` naming the key). Missing keys keep their defaults, unless
+    ``complete``: then every field must be given (files whose reader has no defaults, e.g. ``sq_config.yaml``)."""
     where = where or cls.__name__
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: {data!r} is not allowed; expected a mapping of {cls.__name__} keys")
     hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - fields)
+    fields = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ValueError(f"{where}: unknown config keys {unknown} (known: {sorted(fields)})")
+        raise ConfigError(f"{where}: unknown config keys {unknown} (known: {sorted(fields)})")
+    missing = [f for f in fields if f not in data]
+    if complete and missing:
+        raise ConfigError(f"{where}: missing config keys {missing}; every one of {fields} is needed")
     return cls(**{k: _build(hints[k], v, f"{where}.{k}") for k, v in data.items()})
 
 
@@ -72,38 +129,48 @@ def to_dict(config: Any) -> Any:
     return config
 
 
-def load_yaml(cls: type[T], path: str | Path) -> T:
-    """Read a config of type ``cls`` from a YAML file."""
+def read_yaml(path: str | Path) -> Any:
+    """The plain data of a YAML file; a missing file or bad YAML is a :class:`ConfigError` naming it."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
-    return from_dict(cls, data, where=str(path))
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+
+
+def load_yaml(cls: type[T], path: str | Path) -> T:
+    """Read a config of type ``cls`` from a YAML file."""
+    return from_dict(cls, read_yaml(path), where=str(path))
 
 
 def save_yaml(config: Any, path: str | Path) -> None:
-    """Write a config as YAML (keys in field order)."""
+    """Write a config as YAML (keys in field order, every value)."""
     with open(path, "w") as f:
         yaml.safe_dump(to_dict(config), f, sort_keys=False)
 
 
 def override(config: T, assignments: list[str]) -> T:
-    """Apply ``a.b.c=value`` overrides (values parsed as YAML scalars) to a nested dataclass."""
+    """Apply ``a.b.c=value`` overrides (values parsed as YAML scalars, then type-checked) to a nested
+    dataclass."""
     data = to_dict(config)
     for item in assignments:
         key, sep, raw = item.partition("=")
         if not sep:
-            raise ValueError(f"override {item!r} is not of the form key=value")
+            raise ConfigError(f"override {item!r} is not of the form key=value")
         node = data
         *parents, leaf = key.split(".")
         for p in parents:
             if not isinstance(node, dict) or p not in node:
-                raise ValueError(f"override {item!r}: no config section {p!r}")
+                raise ConfigError(f"override {item!r}: no config section {p!r}")
             node = node[p]
         if not isinstance(node, dict) or leaf not in node:
-            raise ValueError(f"override {item!r}: no config key {leaf!r}")
-        node[leaf] = yaml.safe_load(raw)
+            raise ConfigError(f"override {item!r}: no config key {leaf!r}")
+        try:
+            node[leaf] = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({e})") from None
     return from_dict(type(config), data)
 
 
@@ -145,17 +212,61 @@ class ALMTokenizer2Config:
     sqcodec: SQCodecConfig = dataclasses.field(default_factory=SQCodecConfig)
     pipeline: PipelineConfig = dataclasses.field(default_factory=PipelineConfig)
 
+    def __post_init__(self) -> None:
+        rates = {"pipeline.sample_rate": self.pipeline.sample_rate, "sqcodec.sample_rate": self.sqcodec.sample_rate,
+                 "experts.wavlm.input_sample_rate": self.experts.wavlm.input_sample_rate,
+                 "experts.musicfm.sample_rate": self.experts.musicfm.sample_rate}
+        if len(set(rates.values())) > 1:
+            raise ConfigError(f"ALMTokenizer2Config: every part reads the same waveform, but the rates differ: "
+                              f"{rates}")
+
+
+# Keys older files may still hold, with why they are ignored.
+RETIRED_KEYS = {
+    ("quantizer", "compat"): "compat is a runtime choice, not part of a model "
+                             "(--compat / ALMTokenizer2.load(..., compat=...))",
+}
+
+
+def model_config_from_dict(data: Mapping, where: str = "ALMTokenizer2Config") -> ALMTokenizer2Config:
+    """:class:`ALMTokenizer2Config` from plain data (a preset's differences from the release, or a model
+    directory's complete ``config.yaml``). A retired key (:data:`RETIRED_KEYS`: model directories written
+    before ``compat`` left the config hold ``quantizer.compat``) is dropped with a warning naming it."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: {data!r} is not allowed; expected a mapping of ALMTokenizer2Config keys")
+    data = dict(data)
+    for (section, key), why in RETIRED_KEYS.items():
+        if isinstance(data.get(section), Mapping) and key in data[section]:
+            value = data[section][key]
+            data[section] = {k: v for k, v in data[section].items() if k != key}
+            warnings.warn(f"{where}: ignoring {section}.{key}={value!r}: {why}", stacklevel=2)
+    return from_dict(ALMTokenizer2Config, data, where)
+
+
+def preset_names() -> list[str]:
+    """The model and training presets shipped with the package."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def preset_path(name_or_path: str | Path) -> Path:
+    """A YAML file as given, else the shipped preset of that name (``tiny_release``, ``train_tiny``, ...)."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    if not p.suffix and (CONFIG_DIR / f"{p}.yaml").is_file():
+        return CONFIG_DIR / f"{p}.yaml"
+    raise FileNotFoundError(f"config {name_or_path} is neither a file nor a preset ({', '.join(preset_names())})")
+
 
 def load_model_config(path: str | Path) -> ALMTokenizer2Config:
-    """A model preset: a YAML file, or the name of one in ``configs/`` (``almtokenizer2``, ``tiny_release``)."""
-    p = Path(path)
-    if not p.suffix and not p.exists():
-        p = CONFIG_DIR / f"{path}.yaml"
-    return load_yaml(ALMTokenizer2Config, p)
+    """A model preset: a YAML file, or the name of a shipped one (``almtokenizer2``, ``tiny_release``, ``mid``)."""
+    p = preset_path(path)
+    return model_config_from_dict(read_yaml(p), where=str(p))
 
 
 __all__ = [
-    "ALMTokenizer2Config", "DiTConfig", "ExpertsConfig", "FlowLossConfig", "FusionConfig", "LogMelConfig",
-    "MusicFMConfig", "PipelineConfig", "QuantizerConfig", "SQCodecConfig", "SamplerConfig", "WavLMConfig",
-    "WhisperConfig", "from_dict", "load_model_config", "load_yaml", "override", "save_yaml", "to_dict",
+    "ALMTokenizer2Config", "ConfigError", "DiTConfig", "ExpertsConfig", "FlowLossConfig", "FusionConfig",
+    "LogMelConfig", "MusicFMConfig", "PipelineConfig", "QuantizerConfig", "SQCodecConfig", "SamplerConfig",
+    "WavLMConfig", "WhisperConfig", "from_dict", "load_model_config", "load_yaml", "model_config_from_dict",
+    "override", "preset_path", "read_yaml", "save_yaml", "to_dict",
 ]

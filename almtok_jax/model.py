@@ -28,8 +28,9 @@ import numpy as np
 from flax import traverse_util
 
 from almtok_jax.audio import resample, whisper_log_mel
+from almtok_jax.compat import Compat
 from almtok_jax.component import CODEC_STATE, MODEL_STATE, Component
-from almtok_jax.config import ALMTokenizer2Config, from_dict
+from almtok_jax.config import ALMTokenizer2Config, model_config_from_dict
 from almtok_jax.experts.fusion import FUSION, ExpertFusion
 from almtok_jax.experts.musicfm import MUSICFM, MusicFM
 from almtok_jax.experts.wavlm import WAVLM, WavLMExpert
@@ -193,7 +194,7 @@ def load_model(directory: str | Path) -> tuple[dict, ALMTokenizer2Config]:
     from almtok_jax.train.checkpoint import load_model_dir  # orbax: only when a directory is read
 
     tree, raw = load_model_dir(directory)
-    config = from_dict(ALMTokenizer2Config, raw, where=f"{directory}/config.yaml")
+    config = model_config_from_dict(raw, where=f"{directory}/config.yaml")
     variables = merge_variables(tree)
     check_model(variables, config, directory)
     return variables, config
@@ -220,18 +221,18 @@ def expert_streams(variables: Mapping, segments: Array, config: ALMTokenizer2Con
 
 
 def fused_features(variables: Mapping, streams: tuple[Array, ...], config: ALMTokenizer2Config,
-                   compat: str = "default") -> Array:
+                   compat: Compat = "default") -> Array:
     """Expert streams (:func:`expert_streams`) -> fused 25 Hz features ``(B, T, codec_dim)``."""
     return ExpertFusion(config.fusion, compat).apply(variables["fusion"], *streams)
 
 
 @partial(jax.jit, static_argnames=("config", "compat"))
 def encode_segments(variables: Mapping, segments: Array, config: ALMTokenizer2Config,
-                    compat: str = "default") -> dict[str, Array]:
+                    compat: Compat = "default") -> dict[str, Array]:
     """``(B, N)`` 24 kHz segments -> ``codes (B, T/2, Q)`` int32 at 12.5 Hz, with ``features`` (25 Hz) and
     ``query`` (the RVQ input). One compilation per segment shape; the query encoder runs once."""
     features = fused_features(variables, expert_streams(variables, segments, config), config, compat)
-    out = QueryQuantizer(config.quantizer).apply(variables["quantizer"], features, method="encode")
+    out = QueryQuantizer(config.quantizer, compat).apply(variables["quantizer"], features, method="encode")
     return {"codes": out["codes"], "features": features, "query": out["query"]}
 
 

@@ -23,20 +23,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 
-from almtok_jax.compat import check_compat
-
-Compat = Literal["default", "release"]
+from almtok_jax.audio import SAMPLE_RATE
+from almtok_jax.compat import Compat, check_compat
 
 
 @dataclass(frozen=True)
 class PipelineConfig:
     """Window and rate constants of the long-audio pipeline (the release values by default)."""
 
-    sample_rate: int = 24000
+    sample_rate: int = SAMPLE_RATE
     token_rate: float = 12.5
     latent_rate: float = 25.0
     min_duration: float = 12.0          # seconds per encode segment and per decode window

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from almtok_jax.config import ALMTokenizer2Config
+from almtok_jax.config import ALMTokenizer2Config, from_dict, read_yaml
 from almtok_jax.sqcodec import SQCodecConfig
 from almtok_jax.torch_io import load_state_dict
 
@@ -44,6 +44,17 @@ def _resolve(folder: Path, name: str | None, default: str) -> Path:
     raise ReleaseError(f"{folder}: missing {name or default!r} (looked for {folder / Path(name or default).name})")
 
 
+def read_sq_config(path: str | Path) -> SQCodecConfig:
+    """The SQ codec hyper-parameters of a release ``sq_config.yaml`` (its ``generator.config``), every one of
+    them required: upstream splats them into a constructor without defaults."""
+    path = Path(path)
+    data = read_yaml(path)
+    section = (data.get("generator") or {}).get("config") if isinstance(data, dict) else None
+    if not isinstance(section, dict):
+        raise ReleaseError(f"{path}: no 'generator.config' mapping (the SQ codec hyper-parameters)")
+    return from_dict(SQCodecConfig, section, where=f"{path}: generator.config", complete=True)
+
+
 def newest_checkpoint(folder: Path) -> Path:
     """``ep<N>.checkpoint`` with the largest N."""
     found = sorted(folder.glob("ep*.checkpoint"), key=lambda p: int(re.sub(r"\D", "", p.stem) or -1))
@@ -61,7 +72,7 @@ def check_release_configs(folder: Path, train_args: dict, config: ALMTokenizer2C
     """The release's own architecture files must agree with ``config``; every disagreement is listed."""
     problems = []
     sq_path = _resolve(folder, train_args.get("sq_config"), "sq_config.yaml")
-    sq = SQCodecConfig.from_yaml(sq_path)
+    sq = read_sq_config(sq_path)
     problems += [f"{sq_path.name}: {f.name} is {getattr(sq, f.name)} but {getattr(config.sqcodec, f.name)} in "
                  "the config" for f in dataclasses.fields(sq)
                  if getattr(sq, f.name) != getattr(config.sqcodec, f.name)]

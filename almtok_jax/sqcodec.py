@@ -30,22 +30,20 @@ a warning is issued if they differ.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import yaml
 from flax import traverse_util
 
+from almtok_jax.audio import SAMPLE_RATE
 from almtok_jax.component import CODEC_STATE, Component, shapes
 from almtok_jax.layers import Conv1d, ConvTranspose1d, PReLU, prelu
 from almtok_jax.mapping import (
@@ -72,7 +70,7 @@ class SQCodecConfig:
     """
 
     num_bands: int = 1
-    sample_rate: int = 24000
+    sample_rate: int = SAMPLE_RATE
     causal: bool = True
     num_samples: int = 1
     downsample_factors: tuple[int, ...] = (3, 4, 4, 4, 5)
@@ -112,35 +110,6 @@ class SQCodecConfig:
     def hop_length(self) -> int:
         """Input samples per latent frame: ``num_samples * prod(downsample_factors)`` (960 released)."""
         return self.num_samples * math.prod(self.downsample_factors)
-
-    @classmethod
-    def from_dict(cls, data: Mapping, where: str = "SQCodecConfig") -> SQCodecConfig:
-        """Exactly the 13 fields (upstream splats them into a constructor without defaults)."""
-        fields = [f.name for f in dataclasses.fields(cls)]
-        missing = [f for f in fields if f not in data]
-        extra = sorted(set(data) - set(fields))
-        if missing or extra:
-            raise ValueError(f"{where}: SQ codec config must hold exactly {fields}; "
-                             f"missing {missing}, unknown {extra}")
-        return cls(**{f: data[f] for f in fields})
-
-    @classmethod
-    def from_yaml(cls, path: str | Path) -> SQCodecConfig:
-        """Read ``generator.config`` of a release ``sq_config.yaml``."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"SQ codec config {path} does not exist")
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-        section = (data.get("generator") or {}).get("config") if isinstance(data, dict) else None
-        if not isinstance(section, dict):
-            raise ValueError(f"{path}: no 'generator.config' mapping (the SQ codec hyper-parameters)")
-        return cls.from_dict(section, where=f"{path}: generator.config")
-
-    @classmethod
-    def from_meta(cls, meta_config: Mapping) -> SQCodecConfig:
-        """From a fixture's ``meta["config"]`` (the fields sit under ``model``)."""
-        return cls.from_dict(meta_config.get("model", meta_config), where="fixture meta.config.model")
 
 
 # ----------------------------------------------------------------------------------------------- lengths

@@ -21,11 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from almtok_jax.audio import AudioError, resample
-from almtok_jax.compat import check_compat
+from almtok_jax.compat import Compat, check_compat
 from almtok_jax.config import ALMTokenizer2Config
 from almtok_jax.model import decode_latents, encode_segments, generate_latents, load_model
 from almtok_jax.pipeline import (
-    Compat,
     PipelineConfig,
     WindowPlan,
     cross_fade,

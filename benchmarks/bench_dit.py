@@ -33,6 +33,7 @@ from almtok_jax.flow.dit import (  # noqa: E402
     dit_rules,
     init_shapes,
 )
+from almtok_jax.golden.configs import dit_config  # noqa: E402
 from almtok_jax.golden.runner import load_fixture  # noqa: E402
 from almtok_jax.mapping import convert_state_dict, prefixed  # noqa: E402
 
@@ -105,7 +106,7 @@ def speed(frames: int, repeats: int) -> None:
 
 def _sampler_fixture():
     fx = load_fixture(FIXTURES / "sampler.npz")
-    config = DiTConfig.from_fixture(fx.config)
+    config = dit_config(fx.config)
     variables = FLOW.load(fx.state_dict, config, source=fx.path.name)
     return fx, config, estimator_variables(variables)
 
@@ -158,7 +159,7 @@ def solvers(smooth_rad: float | None) -> None:
 def precision() -> None:
     """bf16 compute (fp32 params, residual stream, norms, softmax) against fp32 on dit_tiny."""
     fx = load_fixture(FIXTURES / "dit_tiny.npz")
-    config = DiTConfig.from_fixture(fx.config)
+    config = dit_config(fx.config)
     variables = convert_state_dict(fx.state_dict, prefixed(ESTIMATOR_PREFIX, dit_rules(config)),
                                    expected=init_shapes(config))
     fp32 = jax.jit(DiTEstimator(config).apply)

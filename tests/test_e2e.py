@@ -157,6 +157,22 @@ def test_output_is_not_overwritten_without_force(checkpoint, capsys):
     assert (checkpoint / "config.yaml").is_file()
 
 
+def test_model_directory_written_before_compat_left_the_config_still_loads(checkpoint, tmp_path):
+    """Model directories converted earlier hold ``quantizer.compat``: ignored with a warning; the runtime
+    argument decides."""
+    import yaml
+
+    old = tmp_path / "old"
+    shutil.copytree(checkpoint, old)
+    config = yaml.safe_load((old / "config.yaml").read_text())
+    assert "compat" not in config["quantizer"]
+    config["quantizer"]["compat"] = "default"
+    (old / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    with pytest.warns(UserWarning, match="ignoring quantizer.compat='default'"):
+        tok = ALMTokenizer2.load(old, compat="release")
+    assert tok.compat == "release" and tok.config == ALMTokenizer2.load(checkpoint).config
+
+
 def test_tiny_preset_is_the_release_fixture_architecture(expected):
     import json
 

@@ -17,6 +17,7 @@ from almtok_jax.experts.musicfm import (
     num_frames,
     trimmed_length,
 )
+from almtok_jax.golden.configs import musicfm_config
 from almtok_jax.golden.runner import load_fixture
 from almtok_jax.mapping import MappingError
 
@@ -72,7 +73,7 @@ def test_blocks_beyond_last_requested_layer_are_not_created():
 
 
 def test_fixture_loads_only_needed_layers_and_matches(fixture):
-    config = MusicFMConfig.from_meta(fixture.config)
+    config = musicfm_config(fixture.config)
     assert config.output_layers == (4, 11) and config.num_blocks == 11
     variables = MUSICFM.load(fixture.state_dict, config)
     assert variables["params"]["conformer"]["layers"]["final_layer_norm"]["scale"].shape[0] == 11
@@ -87,7 +88,7 @@ def test_fixture_loads_only_needed_layers_and_matches(fixture):
 
 
 def test_missing_needed_block_is_reported(fixture):
-    config = MusicFMConfig.from_meta(fixture.config)
+    config = musicfm_config(fixture.config)
     key = MUSICFM.key_prefix + "conformer.layers.3.self_attn.linear_q.weight"
     state = {k: v for k, v in fixture.state_dict.items() if k != key}
     with pytest.raises(MappingError, match="layers"):

@@ -11,12 +11,14 @@ import numpy as np
 import optax
 import pytest
 
+from almtok_jax.golden.configs import quantizer_config
 from almtok_jax.quantizer import (
     BlockConfig,
     CodePredictor,
     GPTLossConfig,
     PronunciationConfig,
     QuantizerConfig,
+    QueryQuantizer,
     RVQConfig,
     TransformerBlock,
     check_rope_buffers,
@@ -62,14 +64,22 @@ def test_decoder_interleaving_layout():
 
 
 def test_odd_frame_count_release_raises(tiny_variables):
-    release = dataclasses.replace(TINY, compat="release")
+    """The runtime ``compat`` alone decides; the config has no say (it has no compat field)."""
+    assert "compat" not in {f.name for f in dataclasses.fields(QuantizerConfig)}
     with pytest.raises(ValueError, match="not a multiple of the query interval"):
-        quantize(tiny_variables, jnp.zeros((1, 5, TINY.dim)), release)
+        quantize(tiny_variables, jnp.zeros((1, 5, TINY.dim)), TINY, "release")
+    with pytest.raises(ValueError, match="not a multiple of the query interval"):
+        QueryQuantizer(TINY, compat="release").apply(tiny_variables, jnp.zeros((1, 5, TINY.dim)),
+                                                     method="quantize")
+    codes, _ = quantize(tiny_variables, jnp.zeros((1, 6, TINY.dim)), TINY, "release")
+    assert codes.shape == (1, 3, TINY.rvq.num_quantizers)
+    with pytest.raises(ValueError, match="compat"):
+        quantize(tiny_variables, jnp.zeros((1, 6, TINY.dim)), TINY, "strict")
 
 
 def test_odd_frame_count_default_pads_last_frame(tiny_variables):
     x = jax.random.normal(jax.random.key(1), (2, 5, TINY.dim))
-    codes, quantized = quantize(tiny_variables, x, TINY)
+    codes, quantized = quantize(tiny_variables, x, TINY, "default")
     assert codes.shape == (2, 3, TINY.rvq.num_quantizers) and quantized.shape == (2, 3, TINY.dim)
     padded = jnp.concatenate([x, x[:, -1:]], axis=1)
     codes_padded, quantized_padded = quantize(tiny_variables, padded, TINY)
@@ -119,7 +129,7 @@ def test_decoder_only_loading_matches_sampler_fixture(shared_dir):
     from almtok_jax.quantizer.query import DECODER_PARTS
 
     fx = load_fixture(shared_dir / "fixtures/core/sampler.npz")
-    config = QuantizerConfig.from_meta(fx.config)
+    config = quantizer_config(fx.config)
     variables = QUANTIZER.load(fx.state_dict, config, names=DECODER_PARTS)  # DiT keys are ignored
     assert "encoder_transformers" not in variables["params"]
     codes = jnp.asarray(fx.inputs["codes_noprefix"]).transpose(0, 2, 1)
@@ -137,8 +147,6 @@ def test_released_defaults():
     assert c.rvq.threshold_ema_dead_code == 2 and c.rvq.gradient == "rotation_trick"
     shapes = jax.eval_shape(TransformerBlock(c.block).init, jax.random.key(0), jnp.zeros((1, 3, 768)))
     assert sum(int(np.prod(a.shape)) for a in jax.tree.leaves(shapes)) == 9_456_128  # spec 02 §3.9
-    with pytest.raises(ValueError, match="compat"):
-        QuantizerConfig(compat="strict")
 
 
 def test_invalid_block_config():

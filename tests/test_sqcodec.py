@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from functools import cache, partial
 
 import jax
@@ -10,7 +11,9 @@ import numpy as np
 import pytest
 from conftest import FIXTURES
 
+from almtok_jax.golden.configs import sqcodec_config
 from almtok_jax.mapping import MappingError
+from almtok_jax.release import read_sq_config
 from almtok_jax.sqcodec import (
     SQCODEC,
     SQCodec,
@@ -35,7 +38,7 @@ def _fixture_state_dict(path=CAUSAL_FIXTURE) -> tuple[dict[str, np.ndarray], SQC
     with np.load(path) as z:
         meta = json.loads(str(z["meta"]))
         sd = {k[len("param/"):]: z[k] for k in z.files if k.startswith("param/")}
-    return sd, SQCodecConfig.from_meta(meta["config"])
+    return sd, sqcodec_config(meta["config"])
 
 
 @cache
@@ -112,14 +115,14 @@ def test_causal_lengths_are_multiples_of_the_hop():
 
 def test_config_from_yaml_requires_exactly_the_13_fields(tmp_path):
     good = RELEASE / "sq_config.yaml"
-    assert SQCodecConfig.from_yaml(good).init_channel == 2
+    assert read_sq_config(good).init_channel == 2
     text = good.read_text()
     (tmp_path / "missing.yaml").write_text(text.replace("    res_kernel_size: 7\n", ""))
-    with pytest.raises(ValueError, match=r"missing \['res_kernel_size'\]"):
-        SQCodecConfig.from_yaml(tmp_path / "missing.yaml")
+    with pytest.raises(ValueError, match=r"missing config keys \['res_kernel_size'\]"):
+        read_sq_config(tmp_path / "missing.yaml")
     (tmp_path / "extra.yaml").write_text(text + "    dropout: 0.1\n")
-    with pytest.raises(ValueError, match=r"unknown \['dropout'\]"):
-        SQCodecConfig.from_yaml(tmp_path / "extra.yaml")
+    with pytest.raises(ValueError, match=r"unknown config keys \['dropout'\]"):
+        read_sq_config(tmp_path / "extra.yaml")
     with pytest.raises(ValueError, match="kernel = 2 x stride"):
         SQCodecConfig(upsample_kernel_sizes=(10, 8, 8, 8, 7))
     assert SQCodecConfig().hop_length == 960
@@ -127,18 +130,18 @@ def test_config_from_yaml_requires_exactly_the_13_fields(tmp_path):
 
 def test_config_checkpoint_mismatch_is_one_clear_error():
     sd, config = _fixture_state_dict()
-    wrong = SQCodecConfig.from_dict({**config.__dict__, "init_channel": 8})
+    wrong = dataclasses.replace(config, init_channel=8)
     with pytest.raises(MappingError, match=r"encoder\.0\.weight_v: checkpoint \(4, 1, 7\), config implies "
                                            r"\(8, 1, 7\)"):
         SQCODEC.load(sd, wrong)
-    wrong = SQCodecConfig.from_dict({**config.__dict__, "res_kernel_size": 5})
+    wrong = dataclasses.replace(config, res_kernel_size=5)
     with pytest.raises(MappingError, match=r"convs\.0\.conv1\.weight_v: checkpoint \(4, 4, 7\)"):
         SQCODEC.load(sd, wrong)
-    fewer = SQCodecConfig.from_dict({**config.__dict__, **{k: getattr(config, k)[:4] for k in (
-        "downsample_factors", "downsample_kernel_sizes", "upsample_factors", "upsample_kernel_sizes")}})
+    fewer = dataclasses.replace(config, **{k: getattr(config, k)[:4] for k in (
+        "downsample_factors", "downsample_kernel_sizes", "upsample_factors", "upsample_kernel_sizes")})
     with pytest.raises(MappingError, match="5 encoder stages .* 4 in the config"):
         SQCODEC.load(sd, fewer)
-    two = SQCodecConfig.from_dict({**config.__dict__, "num_samples": 2})
+    two = dataclasses.replace(config, num_samples=2)
     with pytest.raises(MappingError, match="lacks the PreProcessor"):
         SQCODEC.load(sd, two)
 
@@ -176,7 +179,7 @@ def test_encode_decode_compile_once_per_shape():
 
 def test_release_tiny_sqcodec_loads_and_decodes():
     torch_io = pytest.importorskip("almtok_jax.torch_io")
-    config = SQCodecConfig.from_yaml(RELEASE / "sq_config.yaml")
+    config = read_sq_config(RELEASE / "sq_config.yaml")
     sd = torch_io.load_state_dict(RELEASE / "sqcodec.pth", select="codec_model")
     assert len(sd) == 447
     variables = SQCODEC.load(sd, config, source="sqcodec.pth")

@@ -21,6 +21,7 @@ from almtok_jax.experts.wavlm import (
     wavlm_expert_rules,
     wavlm_features,
 )
+from almtok_jax.golden.configs import wavlm_config
 from almtok_jax.golden.runner import load_fixture
 from almtok_jax.mapping import MappingError, convert_state_dict
 
@@ -80,7 +81,7 @@ def test_layers_after_the_last_averaged_one_are_not_created():
 
 def test_checkpoint_layers_after_the_last_averaged_one_are_dropped():
     fx = load_fixture(WAVLM_FIXTURE)
-    config = WavLMConfig.from_hf(fx.config["wavlm_model"], num_hidden_layers=12)
+    config = wavlm_config(fx.config["wavlm_model"], num_hidden_layers=12)
     state_dict = dict(fx.state_dict)
     last = "wavlm_encoder.encoder.layers.8."
     for i in (9, 10, 11):
@@ -124,6 +125,6 @@ def test_bad_input_is_rejected(tiny_variables):
 
 def test_config_from_hf_rejects_other_variants():
     hf = dataclasses.asdict(WavLMConfig())
-    assert WavLMConfig.from_hf(hf) == WavLMConfig()
+    assert wavlm_config(hf) == WavLMConfig()
     with pytest.raises(ValueError, match="do_stable_layer_norm"):
-        WavLMConfig.from_hf({**hf, "do_stable_layer_norm": True})
+        wavlm_config({**hf, "do_stable_layer_norm": True})

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from almtok_jax import mapping
 from almtok_jax.audio import resampled_length
-from almtok_jax.compat import check_compat
+from almtok_jax.compat import Compat, check_compat
 from almtok_jax.component import Component, shapes
 from almtok_jax.experts.whisper import whisper_n_len
 from almtok_jax.layers import Conv1d, Linear
@@ -40,12 +40,6 @@ class FusionConfig:
     wavlm_dim: int = 768
     bestrq_dim: int = 1024
     codec_dim: int = 768
-
-    @classmethod
-    def from_arch(cls, fusion: dict) -> FusionConfig:
-        """From the ``fusion`` section of a release ``arch.json`` (layer in/out sizes)."""
-        return cls(fusion["d_conv_whisper"]["in"], fusion["d_conv_wavlm"]["in"],
-                   fusion["cond_fusion_layer_semantic"]["in"], fusion["feature_proj"]["out"])
 
 
 @dataclass(frozen=True)
@@ -84,7 +78,7 @@ class ExpertFusion(nn.Module):
     """The fusion glue: expert streams (channels-last) -> ``total_feature (B, T, codec_dim)`` at 25 Hz."""
 
     config: FusionConfig
-    compat: str = "default"
+    compat: Compat = "default"
 
     @nn.compact
     def __call__(self, whisper: Array, wavlm: Array, bestrq_acoustic: Array, bestrq_semantic: Array) -> Array:

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from almtok_jax.audio import SAMPLE_RATE
 from almtok_jax.component import Component, shapes
 from almtok_jax.layers import Conv1d, LayerNorm, Linear, dot_product_attention
 from almtok_jax.mapping import Rule, conv1d, conv2d, identity, linear, pointwise_conv
@@ -32,7 +33,7 @@ Array = jax.Array
 class MusicFMConfig:
     """Hyper-parameters; the defaults are the released MusicFM-25Hz (1024-d, 12 conformer layers)."""
 
-    sample_rate: int = 24000
+    sample_rate: int = SAMPLE_RATE
     label_rate: int = 25
     # Mel front end (torchaudio MelSpectrogram defaults behind MusicFM's MelSTFT).
     n_fft: int = 2048
@@ -84,31 +85,6 @@ class MusicFMConfig:
     def uses_final_norm(self) -> bool:
         """Whether the encoder-level LayerNorm (layer result ``encoder_depth``) is requested."""
         return self.encoder_depth in self.output_layers
-
-    @classmethod
-    def from_meta(cls, config: dict, **overrides) -> MusicFMConfig:
-        """Build from a golden fixture's ``meta["config"]`` (tiny widths, real-model constants)."""
-        model, conformer, mel = config["musicfm_model"], config["effective_conformer_config"], config["mel"]
-        if conformer.get("hidden_act", "swish") != "swish" or conformer.get("position_embeddings_type",
-                                                                             "rotary") != "rotary":
-            raise ValueError("only the swish / rotary Wav2Vec2-Conformer of MusicFM is supported")
-        if conformer["hidden_size"] != model["encoder_dim"]:
-            raise ValueError(f"hidden_size {conformer['hidden_size']} != encoder_dim {model['encoder_dim']}")
-        stats = config.get("stats", {})
-        kwargs = dict(
-            sample_rate=mel["sample_rate"], label_rate=model["label_rate"], n_fft=mel["n_fft"],
-            hop_length=mel["hop_length"], n_mels=mel["n_mels"], f_min=mel["f_min"], f_max=mel["f_max"],
-            mel_mean=stats.get("melspec_2048_mean", cls.mel_mean),
-            mel_std=stats.get("melspec_2048_std", cls.mel_std),
-            conv_dim=model["conv_dim"], encoder_dim=model["encoder_dim"],
-            encoder_depth=conformer["num_hidden_layers"], num_heads=conformer["num_attention_heads"],
-            ffn_dim=conformer["intermediate_size"],
-            depthwise_kernel_size=conformer["conv_depthwise_kernel_size"],
-            rotary_base=float(conformer["rotary_embedding_base"]), layer_norm_eps=conformer["layer_norm_eps"],
-            output_layers=tuple(model["layers"]),
-        )
-        kwargs.update(overrides)
-        return cls(**kwargs)
 
 
 def trimmed_length(n: int, config: MusicFMConfig) -> int:

@@ -11,7 +11,6 @@ Rates: 16 kHz samples in, 50 Hz frames out (hop 320). Everything is channels-las
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from functools import partial
@@ -21,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from almtok_jax import layers
-from almtok_jax.audio import Resampler, resampled_length, resampler_rules
+from almtok_jax.audio import SAMPLE_RATE, Resampler, resampled_length, resampler_rules
 from almtok_jax.component import Component, shapes
 from almtok_jax.mapping import Rule, conv1d, flatten, identity, linear, prefixed
 
@@ -48,7 +47,7 @@ class WavLMConfig:
     layer_norm_eps: float = 1e-5
     feature_layers: tuple[int, int] = (6, 10)  # average of hidden_states[start:stop]
     pad_samples: int = 160  # zeros appended to the 16 kHz input
-    input_sample_rate: int = 24000
+    input_sample_rate: int = SAMPLE_RATE
     sample_rate: int = 16000
 
     def __post_init__(self):
@@ -71,22 +70,6 @@ class WavLMConfig:
     def num_layers_used(self) -> int:
         """Transformer layers computed: ``hidden_states[k]`` is the output of layer ``k - 1``."""
         return self.feature_layers[1] - 1
-
-    @classmethod
-    def from_hf(cls, hf: dict, **overrides) -> WavLMConfig:
-        """From a transformers ``WavLMConfig`` dict (e.g. fixture ``meta["config"]["wavlm_model"]``).
-
-        Dropout / SpecAugment settings are training-only and ignored; architecture variants this port does
-        not implement (stable-layer-norm, layer-norm feature extractor, other activations) are rejected.
-        """
-        unsupported = {"feat_extract_norm": "group", "do_stable_layer_norm": False,
-                       "feat_extract_activation": "gelu", "hidden_act": "gelu"}
-        for key, want in unsupported.items():
-            if hf.get(key, want) != want:
-                raise ValueError(f"WavLM with {key}={hf[key]!r} is not supported (only {want!r})")
-        names = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in hf.items() if k in names}
-        return cls(**{**kwargs, **overrides})
 
 
 def num_frames(num_samples_16k: int, config: WavLMConfig) -> int:

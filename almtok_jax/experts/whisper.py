@@ -43,18 +43,6 @@ class WhisperConfig:
         """The only accepted input length: the conv stem halves it onto the full position table."""
         return 2 * self.max_source_positions
 
-    @classmethod
-    def from_hf_config(cls, config: dict, layer_norm_eps: float = 1e-5) -> WhisperConfig:
-        """From a Hugging Face ``WhisperConfig`` dict, e.g. ``whisper-medium/config.json``."""
-        return cls(config["d_model"], config["encoder_layers"], config["encoder_attention_heads"],
-                   config["encoder_ffn_dim"], config["num_mel_bins"], config["max_source_positions"],
-                   layer_norm_eps)
-
-    @classmethod
-    def from_fixture(cls, config: dict) -> WhisperConfig:
-        """From a ``whisper_encoder`` fixture's ``meta["config"]``."""
-        return cls.from_hf_config(config["whisper_model"], config.get("layer_norm_eps", 1e-5))
-
 
 def sinusoid_positions(length: int, channels: int, max_timescale: float = 10000.0) -> np.ndarray:
     """OpenAI Whisper's position table ``[sin | cos]`` ``(length, channels)``, used as the init value."""

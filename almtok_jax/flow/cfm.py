@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import flax.linen as nn
 import jax
@@ -62,22 +63,20 @@ def estimator_input(x: Array, prompt: Array, cond: Array) -> Array:
 
 # ------------------------------------------------------------------------------------------------ loss
 
+SIGMA_MIN = 1e-4  # noise floor of the CFM path; the loss and the sampler must use the same one (spec 03, notation)
+
 
 @dataclass(frozen=True)
 class FlowLossConfig:
     """Training-time masking and loss settings (spec 03 §4)."""
 
-    sigma_min: float = 1e-4
+    sigma_min: float = SIGMA_MIN
     cfg_dropout: float = 0.1  # per sample, the whole condition becomes 0
     prefix_probability: float = 0.5  # per batch ('other_seg'): every sample gets an in-context prefix
     prefix_min: int = 32  # prefix length drawn uniformly from [prefix_min, prefix_max], both included
     prefix_max: int = 64
     padding_weight: float = 0.01  # loss weight of mask-0 frames; prompt frames weigh 0, targets 1
     validation_t: float = 0.5  # flow time used in validation mode
-
-    @classmethod
-    def from_fixture(cls, config: dict) -> FlowLossConfig:
-        return cls(sigma_min=config.get("sigma_min", cls.sigma_min))
 
 
 @dataclass(frozen=True)
@@ -159,8 +158,8 @@ class SamplerConfig:
 
     num_steps: int = 50
     guidance_scale: float = 1.5  # > 1: classifier-free guidance with a doubled (2B) batch; ≤ 1: no CFG
-    solver: str = "euler"  # "euler" (upstream) | "midpoint" (2 estimator calls per step)
-    sigma_min: float = 1e-4
+    solver: Literal["euler", "midpoint"] = "euler"  # midpoint: 2 estimator calls per step
+    sigma_min: float = SIGMA_MIN
 
     def __post_init__(self) -> None:
         if self.solver not in ("euler", "midpoint"):

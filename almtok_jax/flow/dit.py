@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import flax.linen as nn
 import jax
@@ -49,7 +49,7 @@ class DiTConfig:
     timestep_scale: float = 1000.0
     timestep_max_period: float = 10000.0
     proj_kernel_size: int = 3
-    dtype: str = "float32"  # compute dtype of matmuls/convs ("float32" | "bfloat16"); params stay float32
+    dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype of matmuls/convs; params stay float32
     remat_policy: str | None = None  # name in jax.checkpoint_policies (e.g. "nothing_saveable") for training
 
     def __post_init__(self) -> None:
@@ -68,25 +68,6 @@ class DiTConfig:
     @property
     def compute_dtype(self) -> Any:
         return jnp.dtype(self.dtype)
-
-    @classmethod
-    def from_fixture(cls, config: dict, **overrides: Any) -> DiTConfig:
-        """From a fixture's ``meta["config"]``: its ``dit`` section and, if present, ``diffusers_config``."""
-        dit = config["dit"]
-        diffusers = config.get("diffusers_config", {})
-        out_channels = dit["out_channels"]
-        cond_dim = dit["cond_dim"]
-        kwargs = dict(
-            num_layers=dit["num_layers"], num_attention_heads=dit["num_attention_heads"],
-            attention_head_dim=dit["attention_head_dim"], out_channels=out_channels, cond_dim=cond_dim,
-            in_channels=diffusers.get("in_channels", 2 * out_channels + cond_dim),
-            norm_eps=diffusers.get("norm_eps", cls.norm_eps),
-            num_positional_embeddings=dit.get("num_positional_embeddings", cls.num_positional_embeddings))
-        if diffusers.get("activation_fn", "gelu-approximate") != "gelu-approximate":
-            raise ValueError(f"unsupported DiT activation {diffusers['activation_fn']!r}")
-        if diffusers.get("norm_type", "ada_norm_single") != "ada_norm_single":
-            raise ValueError(f"unsupported DiT norm_type {diffusers['norm_type']!r}")
-        return cls(**{**kwargs, **overrides})
 
 
 def sinusoidal_table(length: int, dim: int) -> np.ndarray:

@@ -7,7 +7,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from almtok_jax.audio import (
-    LogMelConfig,
     Resampler,
     hann_window,
     mel_filters,
@@ -16,6 +15,7 @@ from almtok_jax.audio import (
     whisper_log_mel,
 )
 from almtok_jax.audio import resample as resample_audio
+from almtok_jax.golden.configs import logmel_config
 from almtok_jax.golden.runner import Fixture
 from almtok_jax.mapping import convert_state_dict, prefixed
 
@@ -53,7 +53,7 @@ def resample(fx: Fixture) -> dict[str, np.ndarray]:
 
 
 def whisper_logmel(fx: Fixture) -> dict[str, np.ndarray]:
-    config = LogMelConfig.from_fixture(fx.config)
+    config = logmel_config(fx.config)
     out: dict[str, np.ndarray] = {}
     for name in fx.config["cases"]:
         wav = fx.inputs[f"wav16k_{name}"]

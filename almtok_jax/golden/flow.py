@@ -8,7 +8,6 @@ import numpy as np
 
 from almtok_jax.flow.cfm import (
     FLOW,
-    FlowLossConfig,
     FlowLossDraws,
     SamplerConfig,
     estimator_variables,
@@ -26,9 +25,10 @@ from almtok_jax.flow.dit import (
     dit_rules,
     init_shapes,
 )
+from almtok_jax.golden.configs import dit_config, flow_loss_config, quantizer_config
 from almtok_jax.golden.runner import Fixture
 from almtok_jax.mapping import convert_state_dict, prefixed
-from almtok_jax.quantizer.query import DECODER_PARTS, QUANTIZER, QuantizerConfig, QueryQuantizer
+from almtok_jax.quantizer.query import DECODER_PARTS, QUANTIZER, QueryQuantizer
 
 
 def _cases(fx: Fixture, stem: str) -> list[str]:
@@ -41,7 +41,7 @@ def _flow_variables(fx: Fixture, config: DiTConfig) -> dict:
 
 
 def dit(fx: Fixture) -> dict[str, np.ndarray]:
-    config = DiTConfig.from_fixture(fx.config)
+    config = dit_config(fx.config)
     variables = convert_state_dict(fx.state_dict, prefixed(ESTIMATOR_PREFIX, dit_rules(config)),
                                    expected=init_shapes(config), source=fx.path.name)
     model = DiTEstimator(config)
@@ -60,8 +60,8 @@ def dit(fx: Fixture) -> dict[str, np.ndarray]:
 
 
 def flow_loss(fx: Fixture) -> dict[str, np.ndarray]:
-    config = DiTConfig.from_fixture(fx.config)
-    loss_config = FlowLossConfig.from_fixture(fx.config)
+    config = dit_config(fx.config)
+    loss_config = flow_loss_config(fx.config)
     variables = _flow_variables(fx, config)
     model = DiTEstimator(config)
 
@@ -92,14 +92,14 @@ def flow_loss(fx: Fixture) -> dict[str, np.ndarray]:
 
 
 def sampler(fx: Fixture) -> dict[str, np.ndarray]:
-    config = DiTConfig.from_fixture(fx.config)
+    config = dit_config(fx.config)
     sigma_min = fx.config.get("sigma_min", SamplerConfig.sigma_min)
     variables = _flow_variables(fx, config)
     est = estimator_variables(variables)
     zero_cond = variables["params"]["zero_cond_embedding1"]
     model = DiTEstimator(config)
     # The sampler fixture holds only the quantizer's decoding half (codes → condition).
-    q_config = QuantizerConfig.from_meta(fx.config)
+    q_config = quantizer_config(fx.config)
     q_variables = QUANTIZER.load(fx.state_dict, q_config, source=fx.path.name, names=DECODER_PARTS)
     quantizer = QueryQuantizer(q_config)
 

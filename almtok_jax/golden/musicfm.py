@@ -8,6 +8,7 @@ import jax
 import numpy as np
 
 from almtok_jax.experts.musicfm import MUSICFM, MusicFM, MusicFMConfig, with_output_layers
+from almtok_jax.golden.configs import musicfm_config
 from almtok_jax.golden.runner import Fixture
 
 
@@ -19,7 +20,7 @@ def _run(variables: dict, wav: jax.Array, config: MusicFMConfig) -> tuple[tuple[
 
 def musicfm(fx: Fixture) -> dict[str, np.ndarray]:
     """Every ``out/*`` of the fixture; the model is built with all layer results so ``layer_results`` fits."""
-    base = MusicFMConfig.from_meta(fx.config)
+    base = musicfm_config(fx.config)
     config = with_output_layers(base, range(base.encoder_depth + 1))
     variables = MUSICFM.load(fx.state_dict, config, source=fx.path.name)
     acoustic_layer, semantic_layer = base.output_layers

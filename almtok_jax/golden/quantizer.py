@@ -10,12 +10,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from almtok_jax.golden.configs import block_config, quantizer_config, rvq_config
 from almtok_jax.golden.runner import Fixture
 from almtok_jax.mapping import convert_state_dict, prefixed
-from almtok_jax.quantizer.query import QUANTIZER, QuantizerConfig, QueryQuantizer
-from almtok_jax.quantizer.rvq import ResidualVQ, RVQConfig, rvq_rules
+from almtok_jax.quantizer.query import QUANTIZER, QueryQuantizer
+from almtok_jax.quantizer.rvq import ResidualVQ, rvq_rules
 from almtok_jax.quantizer.transformer import (
-    BlockConfig,
     TransformerStack,
     check_rope_buffers,
     transformer_stack_rules,
@@ -28,7 +28,7 @@ def _cases(fx: Fixture, prefix: str) -> list[str]:
 
 def transformer_block(fx: Fixture) -> dict[str, np.ndarray]:
     """``block0_<case>`` (after the first block) and ``y_<case>`` (after the stack)."""
-    config = BlockConfig.from_meta(fx.config["dim"], fx.config["block_kwargs"])
+    config = block_config(fx.config["dim"], fx.config["block_kwargs"])
     depth = fx.config["n_blocks"]
     stack = TransformerStack(config, depth)
     expected = jax.eval_shape(stack.init, jax.random.key(0), jnp.zeros((1, 3, config.dim)))
@@ -48,7 +48,7 @@ def transformer_block(fx: Fixture) -> dict[str, np.ndarray]:
 
 def rvq_variables(fx: Fixture) -> tuple[ResidualVQ, dict]:
     """The fixture's ``ResidualVQ`` (from ``meta["config"]["rvq"]``) and its weights through our rules."""
-    config = RVQConfig.from_meta(fx.config["rvq"])
+    config = rvq_config(fx.config["rvq"])
     model = ResidualVQ(config)
     expected = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1, config.dim)))
     variables = convert_state_dict(fx.state_dict, prefixed("vq_embed.", rvq_rules()), expected,
@@ -120,8 +120,8 @@ def rvq_train(fx: Fixture) -> dict[str, np.ndarray]:
 
 def query_quantizer(fx: Fixture) -> dict[str, np.ndarray]:
     """The eval chain per case; ``pron_pred`` channels-first, the rest channels-last."""
-    config = QuantizerConfig.from_meta(fx.config, compat="release")
-    model = QueryQuantizer(config)
+    config = quantizer_config(fx.config)
+    model = QueryQuantizer(config, compat="release")
     variables = QUANTIZER.load(fx.state_dict, config, source=fx.path.name)
 
     @jax.jit

@@ -13,13 +13,12 @@ import numpy as np
 
 from almtok_jax.config import (
     ALMTokenizer2Config,
-    DiTConfig,
     ExpertsConfig,
     FusionConfig,
     SQCodecConfig,
-    WavLMConfig,
-    WhisperConfig,
+    from_dict,
 )
+from almtok_jax.golden.configs import dit_config, wavlm_config, whisper_config
 from almtok_jax.golden.runner import Fixture
 from almtok_jax.model import convert_checkpoint
 from almtok_jax.pipeline import PipelineConfig, num_segments, num_tokens, plan_windows
@@ -37,8 +36,8 @@ def config_from_arch(arch: dict) -> ALMTokenizer2Config:
         full.experts.musicfm, conv_dim=mf["conv_dim"], encoder_dim=mf["encoder_dim"], encoder_depth=mf["encoder_depth"],
         num_heads=mf["w2v2_overrides"]["num_attention_heads"], ffn_dim=mf["w2v2_overrides"]["intermediate_size"],
         output_layers=tuple(mf["layers"]))
-    whisper = WhisperConfig.from_hf_config(arch["whisper"])
-    wavlm = WavLMConfig.from_hf(arch["wavlm"])
+    whisper = whisper_config(arch["whisper"])
+    wavlm = wavlm_config(arch["wavlm"])
     q, rvq, pron = full.quantizer, arch["rvq"], arch["pron"]
     quantizer = dataclasses.replace(
         q, block=dataclasses.replace(q.block, dim=dim, dim_heads=arch["dim_heads"]), encoder_depth=arch["enc_blocks"],
@@ -47,11 +46,11 @@ def config_from_arch(arch: dict) -> ALMTokenizer2Config:
                                                                 "decay", "commitment_weight")}),
         pronunciation=dataclasses.replace(q.pronunciation, output_channels=pron["output_channels"],
                                           decode_channels=pron["decode_channels"], strides=tuple(pron["strides"])))
-    dit = DiTConfig.from_fixture({"dit": arch["dit"]})
+    dit = dit_config({"dit": arch["dit"]})
     return dataclasses.replace(
         full, experts=ExpertsConfig(full.experts.logmel, whisper, wavlm, musicfm),
         fusion=FusionConfig(whisper.d_model, wavlm.hidden_size, musicfm.encoder_dim, dim), quantizer=quantizer,
-        dit=dit, sqcodec=SQCodecConfig.from_dict(arch["sq"]))
+        dit=dit, sqcodec=from_dict(SQCodecConfig, arch["sq"], where="arch.json: sq", complete=True))
 
 
 def _clips(fx: Fixture) -> list[str]:

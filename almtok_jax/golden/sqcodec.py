@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from almtok_jax.golden.configs import sqcodec_config
 from almtok_jax.golden.runner import Fixture
 from almtok_jax.sqcodec import (
     SQCODEC,
-    SQCodecConfig,
     quantize,
     sq_decode,
     sq_forward_trace,
@@ -30,7 +30,7 @@ def sqcodec(fx: Fixture) -> dict[str, np.ndarray]:
     reconstruction, which *is* ``decode(latent)`` (the decoder quantizes first); ``decode_zrand`` runs the
     public :func:`sq_decode`. Compiling the codec dominates the run time, so nothing is compiled twice.
     """
-    config = SQCodecConfig.from_meta(fx.config)
+    config = sqcodec_config(fx.config)
     variables = SQCODEC.load(fx.state_dict, config, source=fx.path.name)
     last_encoder = f"encoder.{config.num_stages + (2 if config.num_samples > 1 else 1)}"
     out: dict[str, np.ndarray] = {}

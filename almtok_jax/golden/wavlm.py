@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from almtok_jax.experts.wavlm import WAVLM, WavLMConfig, WavLMExpert, relative_position_bucket, wavlm_features
+from almtok_jax.golden.configs import wavlm_config
 from almtok_jax.golden.runner import Fixture
 
 
@@ -24,7 +25,7 @@ def _load(fx: Fixture, config: WavLMConfig) -> dict:
 
 
 def wavlm(fx: Fixture) -> dict[str, np.ndarray]:
-    config = WavLMConfig.from_hf(fx.config["wavlm_model"])
+    config = wavlm_config(fx.config["wavlm_model"])
     # out/hidden_states holds every layer of the checkpoint; the feature path stops at the last averaged one.
     every_layer = dataclasses.replace(config, feature_layers=(0, config.num_hidden_layers + 1))
     cases = sorted(name.removeprefix("audio24k_") for name in fx.inputs if name.startswith("audio24k_"))

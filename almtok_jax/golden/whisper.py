@@ -6,12 +6,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from almtok_jax.experts.whisper import WHISPER, WhisperConfig, WhisperEncoder, whisper_feature, whisper_n_len
+from almtok_jax.experts.whisper import WHISPER, WhisperEncoder, whisper_feature, whisper_n_len
+from almtok_jax.golden.configs import whisper_fixture_config
 from almtok_jax.golden.runner import Fixture
 
 
 def whisper_encoder(fx: Fixture) -> dict[str, np.ndarray]:
-    config = WhisperConfig.from_fixture(fx.config)
+    config = whisper_fixture_config(fx.config)
     model = WhisperEncoder(config)
     variables = WHISPER.load(fx.state_dict, config, source=str(fx.path))
     encode = jax.jit(lambda mel: model.apply(variables, mel, output_hidden_states=True))

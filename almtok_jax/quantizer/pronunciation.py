@@ -36,18 +36,6 @@ class PronunciationConfig:
     elu_alpha: float = 1.0
     loss_weight: float = 0.5
 
-    @classmethod
-    def from_meta(cls, pron: dict, defaults: dict | None = None) -> PronunciationConfig:
-        """From a fixture's ``config["pron"]`` and ``config["pron_decoder_defaults"]``."""
-        d = defaults or {}
-        if any(r != 1 for r in d.get("channel_ratios", (1,))):
-            raise NotImplementedError(f"channel_ratios {d['channel_ratios']}: only 1 is supported")
-        return cls(output_channels=pron["output_channels"], decode_channels=pron["decode_channels"],
-                   strides=tuple(pron["strides"]), kernel_size=d.get("kernel_size", 3),
-                   unit_kernel_size=d.get("unit_kernel_size", 3),
-                   block_dilations=tuple(d.get("block_dilations", (1, 1))),
-                   elu_alpha=d.get("elu_alpha", 1.0))
-
     @property
     def upsampling(self) -> int:
         out = 1

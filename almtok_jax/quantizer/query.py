@@ -8,8 +8,9 @@ quantized token, the decoder stack, keep the placeholder slots (``B, interval·N
 ``decoder_pred`` and ``cond_feature_emb`` (two linears). A pronunciation decoder predicts WavLM features
 from the quantized tokens during training.
 
-Frame counts not divisible by ``interval``: upstream crashes. ``compat="release"`` raises a ``ValueError``;
-the default mode pads the features by repeating the last frame up to the next multiple of ``interval``
+Frame counts not divisible by ``interval``: upstream crashes. With the runtime choice ``compat="release"``
+(an argument of the module and of :func:`quantize`, never a config field) they raise a ``ValueError``; the
+default mode pads the features by repeating the last frame up to the next multiple of ``interval``
 (so ``N = ceil(T / interval)`` tokens, and the condition has ``interval·N`` frames; callers keep the
 first ``T``).
 
@@ -28,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from almtok_jax import mapping
-from almtok_jax.compat import check_compat
+from almtok_jax.compat import Compat, check_compat
 from almtok_jax.component import Component, shapes
 from almtok_jax.layers import Linear
 from almtok_jax.mapping import Rule, prefixed
@@ -61,29 +62,14 @@ class QuantizerConfig:
     rvq: RVQConfig = field(default_factory=RVQConfig)
     pronunciation: PronunciationConfig = field(default_factory=PronunciationConfig)
     gpt_loss: GPTLossConfig = field(default_factory=GPTLossConfig)
-    compat: str = "default"  # "release": odd frame counts raise, as upstream
 
     def __post_init__(self):
-        check_compat(self.compat, "QuantizerConfig.compat")
         if self.rvq.dim != self.block.dim:
             raise ValueError(f"RVQ dim {self.rvq.dim} differs from the transformer width {self.block.dim}")
 
     @property
     def dim(self) -> int:
         return self.block.dim
-
-    @classmethod
-    def from_meta(cls, config: dict, **overrides) -> QuantizerConfig:
-        """From a ``query_quantizer`` fixture's ``meta["config"]``."""
-        pron = config.get("pron")
-        # A decoder-only fixture (the sampler) has no encoder blocks: the released depth stands in.
-        return cls(block=BlockConfig.from_meta(config["dim"], config["block_kwargs"]),
-                   encoder_depth=config.get("enc_blocks", cls.encoder_depth),
-                   decoder_depth=config["dec_blocks"],
-                   interval=config.get("interval", 2), rvq=RVQConfig.from_meta(config["rvq"]),
-                   pronunciation=(PronunciationConfig.from_meta(pron, config.get("pron_decoder_defaults"))
-                                  if pron else PronunciationConfig()),
-                   **overrides)
 
 
 def interleave_queries(features: Array, query: Array, interval: int) -> Array:
@@ -114,15 +100,16 @@ def extract_frames(h: Array, interval: int) -> Array:
     return h.reshape(b, n, interval + 1, d)[:, :, :interval].reshape(b, interval * n, d)
 
 
-def fit_frames(features: Array, config: QuantizerConfig) -> Array:
-    """Check ``(B, T, dim)`` features and apply the frame-count rule (module docstring)."""
+def fit_frames(features: Array, config: QuantizerConfig, compat: Compat = "default") -> Array:
+    """Check ``(B, T, dim)`` features and apply the frame-count rule of ``compat`` (module docstring)."""
+    check_compat(compat)
     if features.ndim != 3 or features.shape[-1] != config.dim:
         raise ValueError(f"quantizer features must be (B, T, {config.dim}), got shape {features.shape}")
     t = features.shape[1]
     if t == 0:
         raise ValueError("quantizer features have no frames")
     extra = -t % config.interval
-    if extra and config.compat == "release":
+    if extra and compat == "release":
         raise ValueError(f"{t} feature frames is not a multiple of the query interval {config.interval}; "
                          "the reference cannot tokenize it (compat='release')")
     if extra:
@@ -141,9 +128,11 @@ class LearnedToken(nn.Module):
 
 
 class QueryQuantizer(nn.Module):
-    """The quantizer part of ``AudioDiffusion1D``; submodules carry the reference's attribute names."""
+    """The quantizer part of ``AudioDiffusion1D``; submodules carry the reference's attribute names.
+    ``compat`` only decides how odd frame counts are handled (:func:`fit_frames`)."""
 
     config: QuantizerConfig
+    compat: Compat = "default"
 
     def setup(self):
         c = self.config
@@ -159,7 +148,7 @@ class QueryQuantizer(nn.Module):
     def encoder_sequence(self, features: Array) -> dict[str, Array]:
         """``(B, T, dim)`` 25 Hz → ``enc_in``/``enc_out`` ``(B, L, dim)``, ``query (B, N, dim)`` 12.5 Hz."""
         interval = self.config.interval
-        enc_in = interleave_queries(fit_frames(features, self.config), self.cls_token(), interval)
+        enc_in = interleave_queries(fit_frames(features, self.config, self.compat), self.cls_token(), interval)
         enc_out = self.encoder_transformers(enc_in)
         return {"enc_in": enc_in, "enc_out": enc_out, "query": extract_queries(enc_out, interval)}
 
@@ -217,11 +206,12 @@ class QueryQuantizer(nn.Module):
         return self.decoder_sequence(self.lookup(codes))["cond"]
 
 
-@partial(jax.jit, static_argnames="config")
-def quantize(variables: dict, features: Array, config: QuantizerConfig) -> tuple[Array, Array]:
+@partial(jax.jit, static_argnames=("config", "compat"))
+def quantize(variables: dict, features: Array, config: QuantizerConfig,
+             compat: Compat = "default") -> tuple[Array, Array]:
     """Tokenize fused features ``(B, T, dim)`` (25 Hz): codes ``(B, N, Q)`` int32 (12.5 Hz) and the
     quantized tokens ``(B, N, dim)``. ``variables`` holds ``params`` and ``codebook``."""
-    return QueryQuantizer(config).apply(variables, features, method="quantize")
+    return QueryQuantizer(config, compat).apply(variables, features, method="quantize")
 
 
 @partial(jax.jit, static_argnames="config")

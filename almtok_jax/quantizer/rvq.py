@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Literal
 
 import flax.linen as nn
 import jax
@@ -46,22 +47,12 @@ class RVQConfig:
     eps: float = 1e-5
     commitment_weight: float = 1.0
     threshold_ema_dead_code: float = 2.0
-    gradient: str = "rotation_trick"  # or "straight_through" (the library before 1.18)
+    gradient: Literal["rotation_trick", "straight_through"] = "rotation_trick"  # straight-through: library < 1.18
 
     def __post_init__(self):
         if self.gradient not in ("rotation_trick", "straight_through"):
             raise ValueError(f"RVQConfig.gradient must be 'rotation_trick' or 'straight_through', "
                              f"got {self.gradient!r}")
-
-    @classmethod
-    def from_meta(cls, rvq: dict) -> RVQConfig:
-        """From a fixture's ``config["rvq"]`` (the ResidualVQ keyword arguments)."""
-        if rvq.get("use_cosine_sim", False):
-            raise NotImplementedError("cosine-similarity codebooks are not used by ALMTokenizer2")
-        return cls(dim=rvq["dim"], codebook_size=rvq["codebook_size"], codebook_dim=rvq["codebook_dim"],
-                   num_quantizers=rvq["num_quantizers"], decay=rvq["decay"],
-                   commitment_weight=rvq["commitment_weight"],
-                   threshold_ema_dead_code=float(rvq["threshold_ema_dead_code"]))
 
 
 def code_distances(r: Array, embed: Array) -> Array:

@@ -56,11 +56,6 @@ class BlockConfig:
     def ff_inner(self) -> int:
         return self.dim * self.ff_mult
 
-    @classmethod
-    def from_meta(cls, dim: int, block_kwargs: dict) -> BlockConfig:
-        """From a fixture's ``dim`` and upstream ``block_kwargs`` (the model's TransformerBlock options)."""
-        return cls(dim=dim, dim_heads=block_kwargs["dim_heads"], ff_mult=block_kwargs["ff_kwargs"]["mult"])
-
 
 def rope_inv_freq(config: BlockConfig) -> np.ndarray:
     """The ``rope.inv_freq`` buffer ``(rotary_dim/2,)``: ``1 / base^(2k/rotary_dim)`` in float32."""

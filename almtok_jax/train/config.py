@@ -4,13 +4,18 @@ Defaults are the reference recipe (``run.sh`` of the PyTorch trainer): 12 s segm
 AdamW(0.9, 0.95, eps 1e-8), lr 1e-4, weight decay 0.05 except on names containing ``"norm"``, cosine
 schedule with 3 % linear warmup to 0, clip 2.0, 5 epochs, fp32. ``configs/train_almtokenizer2.yaml``
 spells them out; ``configs/train_tiny.yaml`` and ``configs/train_toy.yaml`` are CPU-sized.
+:func:`load_train_config` reads one (a YAML file or a shipped preset's name) with every value type-checked.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
+
+from almtok_jax.audio import SAMPLE_RATE
+from almtok_jax.config import from_dict, override, preset_path, read_yaml
 
 
 @dataclass(frozen=True)
@@ -18,7 +23,7 @@ class DataConfig:
     """Input pipeline. ``train`` / each entry of ``validation``: a 4-column list file or an audio folder."""
 
     train: str = ""
-    sample_rate: int = 24000
+    sample_rate: int = SAMPLE_RATE
     segment_seconds: float = 12.0
     crop: Literal["random", "start"] = "random"  # "start" = the reference (first S seconds only)
     global_batch_size: int = 64  # clips per optimizer step over all hosts (16 per GPU x 4 upstream)
@@ -119,12 +124,12 @@ class ValidationConfig:
 class TrainConfig:
     """Everything a training run needs besides the model preset (``model``) and its weights (``init``).
 
-    ``model``: ``"toy"`` (the stand-in task of :mod:`almtok_jax.train.state`) or the path of a model preset
-    YAML (e.g. ``configs/tiny_release.yaml``). ``init``: where frozen experts / SQ codec come from, a model
+    ``model``: ``"toy"`` (the stand-in task of :mod:`almtok_jax.train.state`), the name of a shipped model
+    preset (``tiny_release``) or the path of a preset YAML. ``init``: where frozen experts / SQ codec come from, a model
     directory written by :func:`almtok_jax.train.checkpoint.save_model_dir`, or ``"random"``.
     """
 
-    model: str = "configs/almtokenizer2.yaml"
+    model: str = "almtokenizer2"
     init: str = "random"
     seed: int = 2336
     epochs: int = 5
@@ -159,3 +164,10 @@ class TrainConfig:
         if self.schedule.warmup_steps is not None:
             return self.schedule.warmup_steps
         return int(math.floor(self.schedule.warmup_fraction * self.schedule_steps(dataset_size)))
+
+
+def load_train_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
+    """A training config from a YAML file or a shipped preset's name (``train_tiny``), then ``key=value``
+    ``overrides``; every value is checked against its declared type (:class:`almtok_jax.config.ConfigError`)."""
+    p = preset_path(path)
+    return override(from_dict(TrainConfig, read_yaml(p), where=str(p)), list(overrides))

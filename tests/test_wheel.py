@@ -1,0 +1,83 @@
+"""The built wheel works on its own: presets are package data, and convert + infer run on the tiny release
+with the installed package from a folder outside the source tree.
+
+The wheel is built without build isolation (no download: setuptools>=77 comes with the ``dev`` extra) from a
+copy of the sources, installed with ``--no-deps`` into a target folder that is put first on ``PYTHONPATH``
+(the dependencies come from the test's own environment). Every command runs with its working directory in
+a temporary folder, and the test asserts that ``almtok_jax`` was imported from the installed copy.
+The root scripts are not in the wheel (they are thin command lines beside the package): they are copied
+into the run folder, so their own folder on ``sys.path`` is not the source tree either.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+from conftest import AUDIO, FIXTURES, REPO
+
+SOURCES = ("pyproject.toml", "README.md", "configs", "almtok_jax")
+SCRIPTS = ("convert_torch_weights.py", "infer.py")
+
+
+def _run(args: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
+    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"{' '.join(args)} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}"
+    return done
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory) -> tuple[Path, dict]:
+    """``(site folder holding the installed wheel, environment that imports from it)``."""
+    root = tmp_path_factory.mktemp("wheel")
+    src = root / "src"
+    src.mkdir()
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", "build")
+    for name in SOURCES:
+        path = REPO / name
+        if path.is_dir():
+            shutil.copytree(path, src / name, symlinks=True, ignore=ignore)
+        else:
+            shutil.copy2(path, src / name)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
+          "-w", str(root / "dist"), str(src)], root, env)
+    (wheel,) = (root / "dist").glob("almtok_jax-*.whl")
+    site = root / "site"
+    _run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q", "--target", str(site),
+          str(wheel)], root, env)
+    shutil.rmtree(src)  # nothing can be imported from the copy of the sources any more
+    return site, {**env, "PYTHONPATH": str(site)}
+
+
+def test_installed_package_converts_and_infers_the_tiny_release(installed, tmp_path):
+    site, env = installed
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in SCRIPTS:
+        shutil.copy2(REPO / name, run / name)
+    where = _run([sys.executable, "-c", "import almtok_jax.config as c; print(c.__file__); "
+                  "print(c.preset_path('tiny_release'))"], run, env).stdout.split()
+    assert all(Path(p).resolve().is_relative_to(site.resolve()) for p in where), where
+
+    _run([sys.executable, "convert_torch_weights.py", "--release", str(FIXTURES / "release_tiny"),
+          "--config", "tiny_release", "--out", "model"], run, env)
+    assert (run / "model" / "config.yaml").is_file()
+    clip = sorted((AUDIO / "speech").glob("*.wav"))[0]
+    _run([sys.executable, "infer.py", "--checkpoint", "model", str(clip), "-o", "out", "--steps", "2"], run, env)
+    codes = np.load(next((run / "out").rglob("*.codes.npy")))
+    assert codes.ndim == 2 and codes.shape[0] == 8
+    wave, sr = sf.read(next((run / "out").rglob("*.wav")))
+    assert sr == 24000 and wave.size > 0 and np.all(np.isfinite(wave))
+
+
+def test_installed_console_entry_point(installed, tmp_path):
+    site, env = installed
+    done = _run([str(site / "bin" / "almtok-evaluate"), "--help"], tmp_path, env)
+    assert "usage" in done.stdout
