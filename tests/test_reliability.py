@@ -411,3 +411,13 @@ def test_a_mis_shaped_stacked_layer_is_named_with_its_index():
     assert "missing" not in message
     with pytest.raises(MappingError, match=r"layer 1 \(layers.1.w\) gives \(4, 6\), the other layers give \(4, 5\)"):
         convert_state_dict(state, rules, source="ckpt.pt")
+
+
+def test_evaluate_with_a_broken_model_directory_is_one_line(model, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(model, broken)
+    _garble_config(broken)
+    with pytest.raises(SystemExit) as failed:
+        evaluate.main(["--checkpoint", str(broken), "--data", str(AUDIO / "speech" / "p225_001.wav"), "-o",
+                       str(tmp_path / "out")])
+    assert str(failed.value.code).startswith(f"error: {broken / 'config.yaml'} is not readable YAML (line 2, column 6)")
