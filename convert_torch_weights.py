@@ -8,7 +8,8 @@
 architecture, ``configs/almtokenizer2.yaml``); missing, unexpected and mis-shaped tensors are listed
 together. Nothing from the checkpoint's pickles is executed. The output (an orbax checkpoint with
 ``frozen`` experts + SQ codec and the ``trainable`` parts, plus the resolved ``config.yaml``) is written
-to a temporary folder and renamed, so a failed run leaves nothing behind.
+to a temporary folder and renamed, so a failed run leaves nothing behind. ``--force`` replaces an existing
+model directory (and nothing else) by renaming it aside, renaming the new one in, then deleting the old.
 """
 
 from __future__ import annotations
@@ -47,10 +48,9 @@ def convert(release: Path, out: Path, config_path: Path, force: bool = False) ->
 
     from almtok_jax.model import convert_checkpoint, split_variables
     from almtok_jax.release import read_release
-    from almtok_jax.train.checkpoint import save_model_dir
+    from almtok_jax.train.checkpoint import check_replaceable, save_model_dir
 
-    if out.exists() and any(out.iterdir()) and not force:
-        raise FileExistsError(f"{out} exists and is not empty (pass --force to replace it)")
+    check_replaceable(out, force)  # before the (long) read, not after it
     config = load_model_config(config_path)
     rel = read_release(release, config)
     variables = convert_checkpoint(rel.model_state, rel.codec_state, config, source=str(rel.checkpoint))
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, type=Path, help="output model directory")
     parser.add_argument("--config", type=Path, default=CONFIG_DIR / "almtokenizer2.yaml",
                         help="architecture preset (default: configs/almtokenizer2.yaml)")
-    parser.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    parser.add_argument("--force", action="store_true", help="replace an existing model directory")
     args = parser.parse_args(argv)
     from almtok_jax.mapping import MappingError
     from almtok_jax.release import ReleaseError

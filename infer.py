@@ -4,9 +4,12 @@
     python infer.py --checkpoint DIR --encode-only INPUT...      # codes only
     python infer.py --checkpoint DIR --decode CODES.npy...       # codes -> <name>.wav
 
-INPUT are audio files (wav, flac, ogg; any sample rate; stereo is mixed to mono) or folders of them.
-Codes are ``(8, T)`` integer arrays: codebook x 12.5 Hz frame. A file that cannot be processed is reported
-and skipped (exit status 1 at the end); outputs are written atomically, so a failed input leaves no file.
+INPUT are audio files (wav, flac, ogg; any sample rate; stereo is mixed to mono) or folders of them; the
+outputs of a folder's files mirror its tree under OUTDIR. Codes are ``(8, T)`` integer arrays: codebook x
+12.5 Hz frame, each in [0, codebook size). A file that cannot be processed (or saved) is reported and
+skipped (exit status 1 at the end); outputs are written atomically, so a failed input leaves no file.
+Checked before any work (exit status 2): outputs that would overwrite an input or each other, an unusable
+OUTDIR, a broken model directory, no input files at all.
 """
 
 from __future__ import annotations
@@ -16,22 +19,101 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg"}
+NPY_MAGIC = b"\x93NUMPY"
 
 
-def expand_inputs(paths: list[Path], suffixes: set[str]) -> list[Path]:
-    """Files as given; folders expanded (recursively, sorted) to the files with the given suffixes."""
-    files = []
+class UsageError(Exception):
+    """A problem with the command line or its paths, found before any work: one line, exit status 2."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """One input file and its outputs' path without suffix (``OUTDIR/<path under the input folder>/<name>``)."""
+
+    source: Path
+    out: Path
+
+
+def output_stem(relative: Path, decode: bool) -> Path:
+    """``a/x.wav`` -> ``a/x``; with ``--decode`` ``a/x.codes.npy`` (or ``a/x.npy``) -> ``a/x``."""
+    name = relative.name.removesuffix(".npy").removesuffix(".codes") if decode else relative.stem
+    return relative.with_name(name)
+
+
+def plan_jobs(paths: list[Path], suffixes: set[str], outdir: Path, decode: bool
+              ) -> tuple[list[Job], list[tuple[Path, str]]]:
+    """Files as given, folders expanded (recursively, sorted) to their files with the given suffixes; the
+    outputs of a folder's files mirror its tree under ``outdir``. Returns the jobs and ``(path, reason)`` for
+    the inputs that cannot be read (missing, or not regular files: a pipe would block the run)."""
+    jobs, problems = [], []
     for p in paths:
         if p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.suffix.lower() in suffixes)
+            candidates = [(f, f.relative_to(p)) for f in sorted(p.rglob("*"))
+                          if f.suffix.lower() in suffixes and not f.is_dir()]
+        elif p.exists():
+            candidates = [(p, Path(p.name))]
         else:
-            files.append(p)
-    return files
+            problems.append((p, "no such file or folder"))
+            continue
+        for f, relative in candidates:
+            if f.is_file():
+                jobs.append(Job(f, outdir / output_stem(relative, decode)))
+            else:
+                problems.append((f, "not a regular file (a pipe, socket or device): skipped"))
+    return jobs, problems
+
+
+def output_files(job: Job, args: argparse.Namespace) -> dict[str, Path]:
+    """The files a job writes, by kind: ``codes`` (``<name>.codes.npy``) and/or ``wave`` (``<name>.wav``)."""
+    codes = {"codes": job.out.with_name(job.out.name + ".codes.npy")}
+    wave = {"wave": job.out.with_name(job.out.name + ".wav")}
+    return wave if args.decode else codes if args.encode_only else codes | wave
+
+
+def check_collisions(jobs: list[Job], args: argparse.Namespace) -> None:
+    """Refuse, before any work, outputs that would overwrite an input or each other."""
+    inputs = {j.source.resolve(): j.source for j in jobs}
+    writer: dict[Path, Path] = {}
+    for job in jobs:
+        for path in output_files(job, args).values():
+            key = path.resolve()
+            if key in inputs:
+                raise UsageError(f"the output {path} would overwrite the input {inputs[key]}; "
+                                 "choose an -o folder outside the inputs")
+            if key in writer:
+                raise UsageError(f"{writer[key]} and {job.source} would both be written to {path}; "
+                                 "rename one of them or process them in separate runs")
+            writer[key] = job.source
+
+
+def check_outdir(outdir: Path) -> None:
+    """The output folder exists (created if need be) and takes files, or :class:`UsageError`."""
+    if outdir.exists() and not outdir.is_dir():
+        raise UsageError(f"-o {outdir} exists and is not a folder")
+    try:
+        outdir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=outdir):
+            pass
+    except OSError as e:
+        raise UsageError(f"-o {outdir}: cannot write there ({e.strerror or e})") from None
+
+
+def load_npy(path: Path) -> np.ndarray:
+    """A ``.npy`` array file (never a pickle), or ``ValueError`` naming the file."""
+    with open(path, "rb") as f:
+        if f.read(len(NPY_MAGIC)) != NPY_MAGIC:
+            raise ValueError(f"{path} is not a NumPy array file (.npy): it lacks the .npy header")
+        f.seek(0)
+        try:
+            return np.load(f, allow_pickle=False)
+        except ValueError as e:
+            raise ValueError(f"{path}: not a plain numeric .npy array ({e})") from None
 
 
 def write_atomic(path: Path, write) -> None:
@@ -62,14 +144,6 @@ def save_codes(path: Path, codes: np.ndarray) -> None:
             np.save(f, codes.astype(np.int64))
 
     write_atomic(path, write)
-
-
-def load_codes(path: Path, num_codebooks: int) -> np.ndarray:
-    codes = np.load(path, allow_pickle=False)
-    if codes.ndim != 2 or codes.shape[0] != num_codebooks or not np.issubdtype(codes.dtype, np.integer):
-        raise ValueError(f"{path}: codes must be an integer array of shape ({num_codebooks}, T), "
-                         f"got {codes.dtype} {codes.shape}")
-    return codes
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -109,10 +183,10 @@ class Progress:
         self.done += 1
         self._step()
 
-    def fail(self, name: str, error: Exception) -> None:
+    def fail(self, name: str, error: Exception | str) -> None:
         self.failed.append(name)
         message = str(error)
-        self.bar.write(f"error: {message}" if name in message else f"error: {name}: {message}")
+        self.bar.write(f"error: {message}" if name in message else f"error: {name}: {message}", file=sys.stderr)
         self._step()
 
     def _step(self) -> None:
@@ -127,70 +201,113 @@ class Progress:
                 f"({self.audio_s / max(elapsed, 1e-9):.2f} audio s/s)")
 
 
-def run(args: argparse.Namespace) -> int:
-    from almtok_jax.audio import load_audio
+def load_tokenizer(args: argparse.Namespace):
+    """``ALMTokenizer2.load``; a broken or mismatched model directory is a :class:`UsageError`."""
     from almtok_jax.tokenizer import ALMTokenizer2
 
-    tok = ALMTokenizer2.load(args.checkpoint, compat=args.compat)
-    noise = np.load(args.noise, allow_pickle=False) if args.noise else None
+    try:
+        return ALMTokenizer2.load(args.checkpoint, compat=args.compat)
+    except ValueError as e:  # ModelDirError and config errors: their message names the file and the problem
+        raise UsageError(str(e)) from None
+
+
+def encode_job(tok, job: Job, args: argparse.Namespace, progress: Progress) -> tuple[np.ndarray, int | None] | None:
+    """Codes and output length of one input, to decode; ``None`` when done here (``--encode-only``)."""
+    from almtok_jax.audio import load_audio
+    from almtok_jax.tokenizer import check_codes
+
     if args.decode:
-        files = expand_inputs(args.decode, {".npy"})
-    else:
-        files = expand_inputs(args.inputs, AUDIO_SUFFIXES)
-    if noise is not None and len(files) != 1:
-        print("error: --noise needs exactly one input", file=sys.stderr)
-        return 2
-    progress = Progress(len(files))
+        return check_codes(load_npy(job.source), tok.num_codebooks, tok.codebook_size, str(job.source)), None
+    wav, sr = load_audio(job.source)
+    wav24 = tok.to_model_rate(wav.mean(axis=0), sr)
+    codes = tok.encode_clips([wav24])[0]["codes"]
+    if args.encode_only:
+        save_outputs(tok, job, args, codes, None, progress, len(wav24) / tok.sample_rate)
+        return None
+    return codes, None if args.compat == "release" else len(wav24)
 
-    def output_name(f: Path) -> str:
-        return f.name.removesuffix(".npy").removesuffix(".codes") if args.decode else f.stem
 
-    def decode_batch(batch: list[tuple[Path, np.ndarray, int | None]]) -> None:
-        """Decode clips together; on failure retry one by one so one bad clip fails alone."""
-        try:
-            results = tok.decode_clips([c for _, c, _ in batch], args.steps, args.guidance, args.seed,
-                                       [noise] * len(batch), [n for _, _, n in batch])
-        except Exception as e:  # one bad clip must not stop the run
-            if len(batch) == 1:
-                progress.fail(str(batch[0][0]), e)
+def save_outputs(tok, job: Job, args: argparse.Namespace, codes: np.ndarray, wave: np.ndarray | None,
+                 progress: Progress, seconds: float) -> None:
+    """Write one input's outputs; a write failure fails that input only."""
+    try:
+        for kind, path in output_files(job, args).items():
+            if kind == "codes":
+                save_codes(path, codes)
             else:
-                for item in batch:
-                    decode_batch([item])
-            return
-        for (f, codes, _), r in zip(batch, results, strict=True):
-            if not args.decode:
-                save_codes(args.outdir / f"{output_name(f)}.codes.npy", codes)
-            save_wav(args.outdir / f"{output_name(f)}.wav", r["wave"], tok.sample_rate)
-            progress.ok(len(r["wave"]) / tok.sample_rate)
+                save_wav(path, wave, tok.sample_rate)
+    except (OSError, RuntimeError) as e:  # soundfile raises RuntimeError subclasses
+        progress.fail(str(job.source), f"{job.source}: cannot write {path} ({getattr(e, 'strerror', None) or e})")
+        return
+    progress.ok(seconds)
 
-    pending: list[tuple[Path, np.ndarray, int | None]] = []  # (file, codes, output length) to decode
-    for f in files:
-        try:
-            if args.decode:
-                pending.append((f, load_codes(f, tok.num_codebooks), None))
-            else:
-                wav, sr = load_audio(f)
-                wav24 = tok.to_model_rate(wav.mean(axis=0), sr)
-                codes = tok.encode_clips([wav24])[0]["codes"]
-                if args.encode_only:
-                    save_codes(args.outdir / f"{output_name(f)}.codes.npy", codes)
-                    progress.ok(len(wav24) / tok.sample_rate)
-                    continue
-                pending.append((f, codes, None if args.compat == "release" else len(wav24)))
-        except Exception as e:  # report the file and go on with the others
-            progress.fail(str(f), e)
-            continue
-        if len(pending) >= args.batch_size:
-            decode_batch(pending)
-            pending = []
-    if pending:
-        decode_batch(pending)
+
+def decode_batch(tok, batch: list[tuple[Job, np.ndarray, int | None]], args: argparse.Namespace,
+                 noise: np.ndarray | None, progress: Progress) -> None:
+    """Decode clips together and save them; on failure retry one by one so one bad clip fails alone."""
+    try:
+        results = tok.decode_clips([c for _, c, _ in batch], args.steps, args.guidance, args.seed,
+                                   [noise] * len(batch), [n for _, _, n in batch])
+    except Exception as e:  # one bad clip must not stop the run
+        if len(batch) == 1:
+            progress.fail(str(batch[0][0].source), e)
+        else:
+            for item in batch:
+                decode_batch(tok, [item], args, noise, progress)
+        return
+    for (job, codes, _), r in zip(batch, results, strict=True):
+        save_outputs(tok, job, args, codes, r["wave"], progress, len(r["wave"]) / tok.sample_rate)
+
+
+def plan(args: argparse.Namespace) -> tuple[list[Job], list[tuple[Path, str]]]:
+    """The jobs and unreadable inputs of the command line, after every check that needs no model."""
+    suffixes = {".npy"} if args.decode else AUDIO_SUFFIXES
+    jobs, problems = plan_jobs(args.decode or args.inputs, suffixes, args.outdir, bool(args.decode))
+    if not jobs and not problems:
+        raise UsageError(f"no input files ({', '.join(sorted(suffixes))}) in "
+                         f"{', '.join(str(p) for p in args.decode or args.inputs)}")
+    if args.noise is not None and len(jobs) + len(problems) != 1:
+        raise UsageError("--noise needs exactly one input")
+    check_collisions(jobs, args)
+    check_outdir(args.outdir)
+    return jobs, problems
+
+
+def run(args: argparse.Namespace) -> int:
+    jobs, problems = plan(args)
+    tok = load_tokenizer(args) if jobs else None
+    try:
+        noise = load_npy(args.noise) if args.noise else None
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--noise {args.noise}: {e}") from None
+    progress = Progress(len(jobs) + len(problems))
+    for path, reason in problems:
+        progress.fail(str(path), reason)
+    if jobs:
+        pending: list[tuple[Job, np.ndarray, int | None]] = []  # (job, codes, output length) to decode
+        for job in jobs:
+            try:
+                item = encode_job(tok, job, args, progress)
+            except Exception as e:  # report the file and go on with the others
+                progress.fail(str(job.source), e)
+                continue
+            if item is not None:
+                pending.append((job, *item))
+            if len(pending) >= args.batch_size:
+                decode_batch(tok, pending, args, noise, progress)
+                pending = []
+        if pending:
+            decode_batch(tok, pending, args, noise, progress)
     print(progress.summary())
     return 1 if progress.failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run(parse_args(argv))
+    try:
+        return run(parse_args(argv))
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

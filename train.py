@@ -8,15 +8,20 @@ change the learning-rate schedule, whose horizon comes from the config (``schedu
 ``steps``, else ``epochs``). ``key=value`` overrides use dotted config keys
 (``optimizer.learning_rate=3e-4``).
 Everything goes under ``--workdir``: ``config.yaml`` (resolved), ``metrics.jsonl``, ``sharding.json``,
-``checkpoints/``, ``tensorboard/``, ``samples/``. Multi-host launch: see :mod:`almtok_jax.train.sharding`.
+``checkpoints/``, ``tensorboard/``, ``samples/``. A workdir that holds a run already is refused unless
+``--resume`` continues it or ``--overwrite`` deletes it first. A resumed run continues from the newest
+checkpoint that reads back and drops the ``metrics.jsonl`` lines after it. Multi-host launch: see
+:mod:`almtok_jax.train.sharding`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
-from collections.abc import Callable
+import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,10 +62,58 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workdir", required=True, help="checkpoints, logs and metrics go here")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps to reach (total)")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete the run already in --workdir (checkpoints, logs) and start over")
     parser.add_argument("--multihost", action="store_true", help="call jax.distributed.initialize()")
     parser.add_argument("--export", default=None, help="write the trained weights as a model directory")
     parser.add_argument("overrides", nargs="*", help="dotted key=value config overrides")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.resume and args.overwrite:
+        parser.error("--resume continues the run in --workdir, --overwrite deletes it: give one of them")
+    return args
+
+
+RUN_OUTPUTS = ("checkpoints", "checkpoints.unreadable", "metrics.jsonl", "sharding.json", "tensorboard", "samples")
+
+
+@contextlib.contextmanager
+def reported_as_user_error() -> Iterator[None]:
+    """Errors the user causes (config keys and values, paths, mesh sizes) end the run with their message
+    alone: they name the key, value or file, and a traceback would only hide it."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError, yaml.YAMLError) as e:
+        raise SystemExit(f"error: {' '.join(str(e).split())}") from None
+
+
+def checkpoint_steps(workdir: Path) -> list[int]:
+    folder = workdir / "checkpoints"
+    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.is_dir() else []
+
+
+def prepare_workdir(workdir: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to start over in a workdir that holds a run (its checkpoints, its metrics) unless told how:
+    ``resume`` continues it, ``overwrite`` deletes its outputs first (process 0; the others wait)."""
+    steps = checkpoint_steps(workdir)
+    metrics = workdir / "metrics.jsonl"
+    has_metrics = metrics.is_file() and metrics.stat().st_size > 0
+    if resume or not (steps or has_metrics):
+        return
+    if not overwrite:
+        held = ", ".join(([f"checkpoints up to step {steps[-1]}"] if steps else []) +
+                         (["metrics.jsonl"] if has_metrics else []))
+        raise SystemExit(f"error: {workdir} holds a run already ({held}); pass --resume to continue it, or "
+                         "--overwrite to delete it and start over (or choose another --workdir)")
+    if jax.process_index() == 0:
+        log.warning("--overwrite: deleting the run in %s", workdir)
+        for name in RUN_OUTPUTS:
+            path = workdir / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("train.py --overwrite")
 
 
 def put_global(tree: object, shardings: object) -> object:
@@ -81,8 +134,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     setup_console()
     shard_lib.maybe_initialize_distributed(args.multihost)
-    config = override(load_yaml(TrainConfig, args.config), args.overrides)
+    with reported_as_user_error():
+        config = override(load_yaml(TrainConfig, args.config), args.overrides)
     workdir = Path(args.workdir)
+    prepare_workdir(workdir, args.resume, args.overwrite)
     primary = jax.process_index() == 0
     if primary:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -90,11 +145,12 @@ def main(argv: list[str] | None = None) -> None:
     if config.precision.matmul_precision != "default":
         jax.config.update("jax_default_matmul_precision", config.precision.matmul_precision)
 
-    mesh = shard_lib.make_mesh(config.mesh)
-    num_clips = data_lib.dataset_size(config.data.train, config.data)
-    total_steps = args.steps if args.steps is not None else config.total_steps(num_clips)
-    schedule = make_schedule(config.schedule, config.optimizer.learning_rate,
-                             config.schedule_steps(num_clips), config.warmup_steps(num_clips))
+    with reported_as_user_error():
+        mesh = shard_lib.make_mesh(config.mesh)
+        num_clips = data_lib.dataset_size(config.data.train, config.data)
+        total_steps = args.steps if args.steps is not None else config.total_steps(num_clips)
+        schedule = make_schedule(config.schedule, config.optimizer.learning_rate,
+                                 config.schedule_steps(num_clips), config.warmup_steps(num_clips))
     log.info("mesh %s over %d devices; %d clips; %d steps (schedule horizon %d, warmup %d)",
              dict(mesh.shape), mesh.size, num_clips, total_steps, config.schedule_steps(num_clips),
              config.warmup_steps(num_clips))
@@ -123,11 +179,17 @@ def main(argv: list[str] | None = None) -> None:
     if config.init == "random":
         state, frozen = initialised_state(init, state_sh, frozen_sh, with_state=not resume)
     else:
-        state, frozen = loaded_state(task, config, optimizer, state_sh, frozen_sh, with_state=not resume)
+        with reported_as_user_error():  # a broken or mismatched model directory
+            state, frozen = loaded_state(task, config, optimizer, state_sh, frozen_sh, with_state=not resume)
     if resume:
         target = ckpt_lib.abstract_with_shardings(abstract_state, state_sh)
-        state = checkpointer.restore(target, train_iter)
+        with reported_as_user_error():  # no checkpoint reads back
+            state = checkpointer.restore(target, train_iter)
         log.info("resumed from step %d", int(state.step))
+    start = int(state.step)
+    if start >= total_steps:
+        log.warning("the target step %d is already reached (the run is at step %d): nothing to train",
+                    total_steps, start)
 
     if primary:
         report = {name: shard_lib.describe(tree) for name, tree in
@@ -138,10 +200,11 @@ def main(argv: list[str] | None = None) -> None:
                          in_shardings=(state_sh, frozen_sh, batch_sh), out_shardings=(state_sh, replicated),
                          donate_argnums=(0,))
     seconds_per_step = config.data.global_batch_size * config.data.segment_seconds
-    logger = TrainLogger(workdir, config.logging.tensorboard, audio_seconds_per_step=seconds_per_step)
+    logger = TrainLogger(workdir, config.logging.tensorboard, audio_seconds_per_step=seconds_per_step,
+                         resume_step=start if args.resume else None)
     hooks = EvalHooks(config, task, mesh, state_sh, frozen_sh, batch_sh, logger)
 
-    start = step = int(state.step)
+    step = start
     while step < total_steps:
         batch = shard_lib.global_batch(next(train_iter), mesh)
         state, metrics = train_step(state, frozen, batch)

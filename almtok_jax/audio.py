@@ -46,6 +46,8 @@ def load_audio(path: str | Path) -> tuple[np.ndarray, int]:
     :class:`AudioError` naming the file if it cannot be decoded, holds no samples, or has NaN/inf samples.
     """
     path = Path(path)
+    if not path.is_file():  # libsndfile says "System error." for a missing file and blocks on a pipe
+        raise AudioError(f"{path}: {'not a regular file' if path.exists() else 'no such file'}")
     try:
         data, sample_rate = sf.read(str(path), dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, OSError) as e:

@@ -54,10 +54,11 @@ class Clip:
 # --------------------------------------------------------------------------------------------- data
 
 
-def list_audio(data: Path) -> list[Clip]:
+def list_audio(data: Path, option: str = "--data") -> list[Clip]:
     """Clips of a folder (recursive), a single audio file, or a list file (one path per line, ``#`` comments).
 
-    Relative paths in a list file are taken relative to the list file's folder.
+    Relative paths in a list file are taken relative to the list file's folder. ``option`` names the
+    command-line option that gave ``data``, for the error messages.
     """
     data = Path(data)
     if data.is_dir():
@@ -70,7 +71,7 @@ def list_audio(data: Path) -> list[Clip]:
         entries = [Path(line) for line in lines if line and not line.startswith("#")]
         clips = [Clip(p.with_suffix("").as_posix(), data.parent / p) for p in entries]
     else:
-        raise FileNotFoundError(f"--data {data}: no such folder or file")
+        raise FileNotFoundError(f"{option} {data}: no such folder or file")
     if not clips:
         raise FileNotFoundError(f"no audio files ({', '.join(AUDIO_EXTENSIONS)}) found in {data}")
     return clips
@@ -81,9 +82,9 @@ def match_folders(reference_dir: Path, degraded_dir: Path) -> tuple[list[Clip], 
 
     A reference without a degraded file gets ``degraded=None`` (an error row); names are unique per folder.
     """
-    references = list_audio(reference_dir)
+    references = list_audio(reference_dir, "--references-only REF_DIR")
     degraded = {}
-    for clip in list_audio(degraded_dir):
+    for clip in list_audio(degraded_dir, "--references-only DEG_DIR"):
         if clip.name in degraded:
             raise ValueError(f"{degraded_dir}: two files named {clip.name!r} "
                              f"({degraded[clip.name]}, {clip.reference})")
@@ -209,6 +210,16 @@ def _plot_path(out: Path, name: str) -> Path:
     return out / "plots" / (name.replace("/", "__") + ".png")
 
 
+def plot_or_note(out: Path, name: str, notes: dict[str, str], *pair_and_values: Any, **labels: Any) -> None:
+    """:func:`save_spectrogram_plot`; a failure (a clip too short for the STFT, say) becomes ``notes[name]``
+    and a warning, never the end of the run."""
+    try:
+        save_spectrogram_plot(_plot_path(out, name), name, *pair_and_values, **labels)
+    except Exception as e:  # noqa: BLE001 - a plot is an extra: no failure of it may cost the metrics
+        notes[name] = f"{type(e).__name__}: {e}"
+        tqdm.write(f"warning: no plot for {name}: {notes[name]}", file=sys.stderr)
+
+
 # ------------------------------------------------------------------------------------- references-only
 
 
@@ -217,7 +228,7 @@ def evaluate_folders(reference_dir: Path, degraded_dir: Path, out: Path, plots: 
     start = time.time()
     clips, unmatched = match_folders(reference_dir, degraded_dir)
     _make_out(out, plots)
-    rows, plotted = [], 0
+    rows, plotted, plot_failures = [], 0, {}
     for clip in tqdm(clips, desc="scoring", unit="clip"):
         if clip.degraded is None:
             rows.append(error_row(clip.name, f"no degraded file named {clip.name}.* in {degraded_dir}"))
@@ -231,10 +242,10 @@ def evaluate_folders(reference_dir: Path, degraded_dir: Path, out: Path, plots: 
         rows.append(score_row(clip.name, ref, ref_sr, deg, deg_sr))
         if plotted < plots:
             plotted += 1
-            save_spectrogram_plot(_plot_path(out, clip.name), clip.name, ref, ref_sr, deg, deg_sr, rows[-1],
-                                  labels=("reference", "degraded"))
+            plot_or_note(out, clip.name, plot_failures, ref, ref_sr, deg, deg_sr, rows[-1],
+                         labels=("reference", "degraded"))
     summary = summarize(rows)
-    summary.update(mode="references_only", bitrate_bps=None, unmatched_degraded=unmatched,
+    summary.update(mode="references_only", bitrate_bps=None, unmatched_degraded=unmatched, plot_failures=plot_failures,
                    settings={**settings_of_metrics(), "reference_dir": str(reference_dir),
                              "degraded_dir": str(degraded_dir)},
                    elapsed_s=time.time() - start)
@@ -308,7 +319,7 @@ def evaluate_model(checkpoint: Path, data: Path, out: Path, plots: int = 4, batc
     if save_audio:
         (out / "audio").mkdir(exist_ok=True)
     rows: list[dict[str, Any]] = []
-    token_frames, audio_seconds, codebooks, plotted = 0, 0.0, None, 0
+    token_frames, audio_seconds, codebooks, plotted, plot_failures = 0, 0.0, None, 0, {}
     progress = tqdm(total=len(clips), desc="reconstructing", unit="clip")
     for batch in _batches_by_length(clips, batch_size):
         loaded = []
@@ -339,13 +350,13 @@ def evaluate_model(checkpoint: Path, data: Path, out: Path, plots: int = 4, batc
                 sf.write(str(path), rec, model_sr, subtype="FLOAT")
             if plotted < plots:
                 plotted += 1
-                save_spectrogram_plot(_plot_path(out, clip.name), clip.name, wav, sr, rec, model_sr, rows[-1])
+                plot_or_note(out, clip.name, plot_failures, wav, sr, rec, model_sr, rows[-1])
         progress.update(len(loaded))
     progress.close()
     token_rate = token_frames / audio_seconds if audio_seconds else None
     summary = summarize(rows)
     summary.update(mode="model", bitrate_bps=_bitrate(model, token_rate, codebooks), token_rate_hz=token_rate,
-                   codebooks=codebooks,
+                   codebooks=codebooks, plot_failures=plot_failures,
                    settings={**settings_of_metrics(), "checkpoint": str(checkpoint), "data": str(data),
                              "model_sample_rate": model_sr, "batch_size": batch_size, "steps": steps,
                              "seed": seed, "compat": compat},
@@ -395,19 +406,32 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def scored_files(summary: dict[str, Any]) -> int:
+    """Clips with at least one metric: the most any metric's count reaches."""
+    return max((stats["count"] for stats in summary["metrics"].values()), default=0)
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the CLI and return the summary; exits with status 1 (after writing the outputs) when no clip
+    could be scored, and with a one-line message for bad paths or a broken model directory."""
     args = parse_args(argv)
-    if args.references_only is not None:
-        summary = evaluate_folders(*args.references_only, args.output, plots=args.plots)
-    else:
-        summary = evaluate_model(args.checkpoint, args.data, args.output, plots=args.plots,
-                                 batch_size=args.batch_size, save_audio=args.save_audio, steps=args.steps,
-                                 seed=args.seed, compat=args.compat)
+    try:
+        if args.references_only is not None:
+            summary = evaluate_folders(*args.references_only, args.output, plots=args.plots)
+        else:
+            summary = evaluate_model(args.checkpoint, args.data, args.output, plots=args.plots,
+                                     batch_size=args.batch_size, save_audio=args.save_audio, steps=args.steps,
+                                     seed=args.seed, compat=args.compat)
+    except (FileNotFoundError, ValueError) as e:  # ModelDirError is a ValueError
+        raise SystemExit(f"error: {e}") from None
     for name, stats in summary["metrics"].items():
         mean = "n/a" if stats["mean"] is None else f"{stats['mean']:.4f} ± {stats['std']:.4f}"
         print(f"{name:>13s}: {mean}  (n={stats['count']})", file=sys.stderr)
     print(f"{summary['files']} files, {summary['files_with_errors']} with errors -> {args.output}",
           file=sys.stderr)
+    if not scored_files(summary):
+        raise SystemExit(f"error: no clip could be scored ({summary['files']} files, every one failed or had "
+                         f"no match); see {args.output / 'metrics.csv'}")
     return summary
 
 

@@ -115,6 +115,21 @@ def _describe(items: list[str], limit: int = 60) -> str:
     return f"\n    {shown}{more}"
 
 
+def _odd_layers(by_index: Mapping[int, tuple[str, np.ndarray]], layer_shape: tuple[int, ...] | None
+                ) -> list[tuple[int, str]]:
+    """``(layer index, reason)`` of the layers of a stack whose shape differs from the others'. With the
+    model's per-layer shape known, every layer not of that shape (when the layers disagree among
+    themselves; a stack uniformly of another shape is reported whole, as a wrong shape)."""
+    shapes = {i: a.shape for i, (_, a) in by_index.items()}
+    if len(set(shapes.values())) == 1:
+        return []
+    if layer_shape is not None:
+        return [(i, f"model expects {layer_shape} per layer") for i, s in sorted(shapes.items()) if s != layer_shape]
+    counts = {s: list(shapes.values()).count(s) for s in set(shapes.values())}
+    common = max(counts, key=counts.get)
+    return [(i, f"the other layers give {common}") for i, s in sorted(shapes.items()) if s != common]
+
+
 def convert_state_dict(state_dict: Mapping[str, np.ndarray], rules: Iterable[Rule],
                        expected: Mapping | None = None, *, source: str = "state dict") -> dict:
     """Apply ``rules`` to ``state_dict`` and return the nested Flax variables.
@@ -142,20 +157,25 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], rules: Iterable[Rul
             flat[path] = array
         else:
             stacked.setdefault(path, {})[int(groups[rule.stack])] = (key, array)
+    want = ({"/".join(k): v for k, v in traverse_util.flatten_dict(dict(expected)).items()}
+            if expected is not None else {})
     problems: list[str] = []
+    reported: set[str] = set()  # stacked paths with a problem already listed (not "missing" on top)
     for path, by_index in stacked.items():
         indices = sorted(by_index)
         if indices != list(range(len(indices))):
             problems.append(f"{path}: layers {indices} are not 0..{len(indices) - 1}")
+            reported.add(path)
             continue
-        shapes = {by_index[i][1].shape for i in indices}
-        if len(shapes) > 1:
-            problems.append(f"{path}: layers have different shapes {sorted(shapes)}")
+        odd = _odd_layers(by_index, tuple(want[path].shape[1:]) if path in want else None)
+        if odd:
+            problems.extend(f"{path}: layer {i} ({by_index[i][0]}) gives {by_index[i][1].shape}, {reason}"
+                            for i, reason in odd)
+            reported.add(path)
             continue
         flat[path] = np.stack([by_index[i][1] for i in indices])
     if expected is not None:
-        want = {"/".join(k): v for k, v in traverse_util.flatten_dict(dict(expected)).items()}
-        missing = sorted(set(want) - set(flat))
+        missing = sorted(set(want) - set(flat) - reported)
         extra = sorted(set(flat) - set(want))
         wrong = [f"{p}: checkpoint gives {tuple(flat[p].shape)}, model expects {tuple(want[p].shape)}"
                  for p in sorted(set(want) & set(flat)) if tuple(flat[p].shape) != tuple(want[p].shape)]

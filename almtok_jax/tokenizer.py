@@ -63,6 +63,22 @@ def unflatten(tokens: np.ndarray, num_codebooks: int, offset: int = TOKEN_OFFSET
     return (tokens.reshape(-1, num_codebooks).T - offset * np.arange(num_codebooks)[:, None]).astype(np.int64)
 
 
+def check_codes(codes: np.ndarray, num_codebooks: int, codebook_size: int, where: str = "codes") -> np.ndarray:
+    """``codes`` as an array after checking it is an integer ``(num_codebooks, T)`` array, ``T >= 1``, with every
+    value in ``[0, codebook_size)``. The range is checked on the values as given, before any narrowing, so a
+    code beyond int32 (``c + 2**40``) cannot wrap back into range. ``where`` names the source in the error."""
+    codes = np.asarray(codes)
+    if codes.ndim != 2 or codes.shape[0] != num_codebooks or not np.issubdtype(codes.dtype, np.integer):
+        raise ValueError(f"{where}: codes must be an integer array of shape ({num_codebooks}, T), "
+                         f"got {codes.dtype} {codes.shape}")
+    if codes.shape[1] == 0:
+        raise ValueError(f"{where}: codes hold no frames (shape {codes.shape})")
+    if codes.min() < 0 or codes.max() >= codebook_size:
+        raise ValueError(f"{where}: codes must lie in [0, {codebook_size}), got values from {codes.min()} "
+                         f"to {codes.max()}")
+    return codes
+
+
 class ALMTokenizer2:
     """Encoder/decoder around converted weights. ``variables`` maps component names to their variables."""
 
@@ -190,6 +206,7 @@ class ALMTokenizer2:
         ``noise[i]`` (optional) is the initial ODE state of every window of clip i, ``(K, T_w, C)``;
         otherwise it is drawn from ``seed``. ``lengths[i]`` (default mode) trims clip i's output.
         """
+        codes = [check_codes(c, self.num_codebooks, self.codebook_size, f"clip {i}") for i, c in enumerate(codes)]
         sampler = replace(self.config.sampler, num_steps=steps or self.config.sampler.num_steps,
                           guidance_scale=self.config.sampler.guidance_scale if guidance is None else guidance)
         n = len(codes)
@@ -237,9 +254,4 @@ class ALMTokenizer2:
     def decode(self, codes: np.ndarray, steps: int | None = None, guidance: float | None = None, seed: int = 0,
                noise: np.ndarray | None = None, length: int | None = None) -> np.ndarray:
         """Codes ``(Q, T)`` -> ``(N,)`` float32 audio at 24 kHz (``length`` trims it, default mode)."""
-        codes = np.asarray(codes)
-        if codes.ndim != 2 or codes.shape[0] != self.num_codebooks:
-            raise ValueError(f"codes must be ({self.num_codebooks}, T), got shape {codes.shape}")
-        if codes.min() < 0 or codes.max() >= self.codebook_size:
-            raise ValueError(f"codes must lie in [0, {self.codebook_size}), got [{codes.min()}, {codes.max()}]")
         return self.decode_clips([codes], steps, guidance, seed, [noise], [length])[0]["wave"]

@@ -13,8 +13,10 @@ Model directories (:func:`save_model_dir` / :func:`load_model_dir`), shared with
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,29 @@ import orbax.checkpoint as ocp
 import yaml
 
 from almtok_jax.train.config import CheckpointConfig
+
+log = logging.getLogger("almtok_jax.train")
+
+
+class ModelDirError(ValueError):
+    """A model directory is missing, incomplete or unreadable; the message names the directory and the part."""
+
+
+def _quiet_closed_loop_reports() -> None:
+    """After a failed orbax read, the reads still in flight finish on a closed event loop and each reports
+    ``RuntimeError: Event loop is closed`` as an unraisable exception (dozens of tracebacks after the real
+    error). Drop exactly those; every other unraisable exception still reaches the previous hook."""
+    previous = sys.unraisablehook
+    if getattr(previous, "quiet_closed_loop", False):
+        return
+
+    def hook(report: object) -> None:
+        error = getattr(report, "exc_value", None)
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+            previous(report)
+
+    hook.quiet_closed_loop = True
+    sys.unraisablehook = hook
 
 
 class _IteratorSnapshot:
@@ -56,11 +81,37 @@ class Checkpointer:
         self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
     def restore(self, abstract_state: Any, data_iterator: Any | None, step: int | None = None) -> Any:
-        """Restore ``step`` (default latest) onto the shardings of ``abstract_state`` (``ShapeDtypeStruct``s
-        with ``.sharding``); the data iterator is restored in place."""
-        step = self.latest_step() if step is None else step
-        if step is None:
+        """Restore ``step`` onto the shardings of ``abstract_state`` (``ShapeDtypeStruct``s with
+        ``.sharding``); the data iterator is restored in place.
+
+        Without ``step``: the newest checkpoint that reads back. An unreadable newer one (a file deleted or
+        cut short) is moved aside to ``<checkpoints>.unreadable/<step>`` with a warning, so training goes on
+        from the newest complete checkpoint and later saves do not meet it again.
+        """
+        if step is not None:
+            return self._restore_step(step, abstract_state, data_iterator)
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        if not steps:
             raise FileNotFoundError(f"no checkpoint in {self.manager.directory}")
+        for i, candidate in enumerate(steps):
+            try:
+                return self._restore_step(candidate, abstract_state, data_iterator)
+            except Exception as e:  # noqa: BLE001 - any read failure means this checkpoint is unusable
+                _quiet_closed_loop_reports()
+                aside = Path(str(self.manager.directory) + ".unreadable")
+                aside.mkdir(exist_ok=True)
+                name = next(n for n in (str(candidate), *(f"{candidate}-{k}" for k in range(1, 10**6)))
+                            if not (aside / n).exists())
+                os.replace(Path(self.manager.directory) / str(candidate), aside / name)
+                self.manager.reload()
+                following = f"falling back to step {steps[i + 1]}" if i + 1 < len(steps) else "none left"
+                log.warning("checkpoint %d in %s cannot be read (%s: %s); moved to %s; %s", candidate,
+                            self.manager.directory, type(e).__name__, str(e).splitlines()[0][:300], aside,
+                            following)
+        raise FileNotFoundError(f"no readable checkpoint in {self.manager.directory} (unreadable ones moved "
+                                f"to {aside})")
+
+    def _restore_step(self, step: int, abstract_state: Any, data_iterator: Any | None) -> Any:
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
@@ -79,19 +130,45 @@ def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
+def is_model_dir(directory: Path) -> bool:
+    return (directory / "params").is_dir() and (directory / "config.yaml").is_file()
+
+
+def check_replaceable(directory: str | Path, force: bool) -> None:
+    """Refuse to write a model directory over anything but an empty folder, or (``force``) a model directory."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise FileExistsError(f"{directory} exists and is not a folder")
+    if not directory.exists() or not any(directory.iterdir()):
+        return
+    if not force:
+        raise FileExistsError(f"{directory} exists and is not empty (pass --force to replace it)")
+    if not is_model_dir(directory):
+        raise FileExistsError(f"{directory} is not a model directory (no params/ and config.yaml); --force "
+                              "replaces only model directories: remove it yourself or choose another output")
+
+
 def save_model_dir(directory: str | Path, variables: dict, config_yaml_text: str,
                    force: bool = False) -> Path:
     """Write ``variables`` (nested dict, e.g. ``{"frozen": ..., "trainable": ...}``) and the config YAML.
 
-    Atomic: written to ``DIR.tmp`` then renamed. A non-empty ``DIR`` is refused unless ``force=True``
-    (then replaced). Every process calls it (orbax coordinates multi-host writes); process 0 renames.
+    Written to ``DIR.tmp``, then swapped in: an existing ``DIR`` (``force=True``, model directories only) is
+    first renamed to ``DIR.replaced``, the new one renamed to ``DIR``, then the old one deleted. A kill at any
+    moment leaves a complete old or new model (at ``DIR``, or only at ``DIR.replaced`` between the two
+    renames, which the next save puts back first). Every process calls it (orbax coordinates multi-host
+    writes); process 0 renames.
     """
     directory = Path(directory).absolute()
-    if directory.exists() and any(directory.iterdir()) and not force:
-        raise FileExistsError(f"{directory} exists and is not empty (pass force=True to replace it)")
-    yaml.safe_load(config_yaml_text)  # refuse to write a config that cannot be read back
     tmp = directory.with_name(directory.name + ".tmp")
+    aside = directory.with_name(directory.name + ".replaced")
     primary = jax.process_index() == 0
+    if primary and aside.is_dir():  # a swap was interrupted
+        if is_model_dir(directory):
+            shutil.rmtree(aside)  # after the second rename: the new model is in place
+        elif not directory.exists() and is_model_dir(aside):
+            os.replace(aside, directory)  # between the renames: put the old model back
+    check_replaceable(directory, force)
+    yaml.safe_load(config_yaml_text)  # refuse to write a config that cannot be read back
     if primary and tmp.exists():
         shutil.rmtree(tmp)
     ckptr = ocp.StandardCheckpointer()
@@ -99,9 +176,12 @@ def save_model_dir(directory: str | Path, variables: dict, config_yaml_text: str
     ckptr.wait_until_finished()
     if primary:
         (tmp / "config.yaml").write_text(config_yaml_text)
-        if directory.exists():
-            shutil.rmtree(directory)
+        replacing = directory.exists()
+        if replacing:
+            os.replace(directory, aside)
         os.replace(tmp, directory)
+        if replacing:
+            shutil.rmtree(aside)
     return directory
 
 
@@ -116,12 +196,35 @@ def _restore_numpy(path: Path) -> dict:
 
 
 def load_model_dir(directory: str | Path) -> tuple[dict, dict]:
-    """``(variables as nested dict of NumPy arrays, config dict)`` from a :func:`save_model_dir` folder."""
+    """``(variables as nested dict of NumPy arrays, config dict)`` from a :func:`save_model_dir` folder.
+
+    Raises :class:`ModelDirError` naming the directory and what is wrong with it."""
     directory = Path(directory).absolute()
-    if not (directory / "params").is_dir() or not (directory / "config.yaml").is_file():
-        raise FileNotFoundError(f"{directory} is not a model directory (needs params/ and config.yaml)")
-    variables = _restore_numpy(directory / "params")
-    config = yaml.safe_load((directory / "config.yaml").read_text()) or {}
+    if not directory.is_dir():
+        raise ModelDirError(f"model directory {directory}: no such folder")
+    missing = [name for name, ok in (("params/", (directory / "params").is_dir()),
+                                     ("config.yaml", (directory / "config.yaml").is_file())) if not ok]
+    if missing:
+        raise ModelDirError(f"{directory} is not a model directory: {' and '.join(missing)} missing "
+                            "(write one with convert_torch_weights.py or train.py --export)")
+    try:
+        with open(directory / "config.yaml") as f:
+            config = yaml.safe_load(f)
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" (line {where.line + 1}, column {where.column + 1})" if where is not None else ""
+        raise ModelDirError(f"{directory / 'config.yaml'} is not readable YAML{at}: "
+                            f"{getattr(e, 'problem', None) or e}") from None
+    if not isinstance(config, dict):
+        raise ModelDirError(f"{directory / 'config.yaml'} does not hold a config mapping "
+                            f"(got {type(config).__name__})")
+    try:
+        variables = _restore_numpy(directory / "params")
+    except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many types for a damaged checkpoint
+        _quiet_closed_loop_reports()
+        reason = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+        raise ModelDirError(f"{directory}: the weights in params/ cannot be read, a file is missing or damaged "
+                            f"({reason}); convert or export the model again") from None
     return variables, config
 
 

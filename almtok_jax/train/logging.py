@@ -23,7 +23,10 @@ log = logging.getLogger("almtok_jax.train")
 class TrainLogger:
     """``log_train`` every ``LoggingConfig.every`` steps, ``log_eval`` after validation passes."""
 
-    def __init__(self, workdir: str | Path, tensorboard: bool = True, audio_seconds_per_step: float = 0.0):
+    def __init__(self, workdir: str | Path, tensorboard: bool = True, audio_seconds_per_step: float = 0.0,
+                 resume_step: int | None = None):
+        """``resume_step``: the step a resumed run restarts from; later lines of ``metrics.jsonl`` (from the
+        steps the run will do again) are dropped first."""
         self.workdir = Path(workdir)
         self.primary = jax.process_index() == 0
         self.audio_seconds_per_step = audio_seconds_per_step
@@ -31,6 +34,8 @@ class TrainLogger:
         self._last: tuple[int, float] | None = None
         if self.primary:
             self.workdir.mkdir(parents=True, exist_ok=True)
+            if resume_step is not None:
+                _truncate_jsonl(self.workdir / "metrics.jsonl", resume_step)
             self.jsonl = open(self.workdir / "metrics.jsonl", "a")
             if tensorboard:
                 try:
@@ -95,6 +100,24 @@ class TrainLogger:
             self.jsonl.close()
             if self.writer is not None:
                 self.writer.close()
+
+
+def _truncate_jsonl(path: Path, last_step: int) -> None:
+    """Keep the records of steps ``<= last_step`` (written to a temporary file, then renamed over); a line
+    cut short by a kill is dropped too."""
+    if not path.exists():
+        return
+
+    def step_of(line: str) -> float:
+        try:
+            return json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            return float("inf")
+
+    kept = [line for line in path.read_text().splitlines(keepends=True) if step_of(line) <= last_step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line.rstrip("\n") + "\n" for line in kept))
+    tmp.replace(path)
 
 
 def _scalar(value: object) -> float | int:
