@@ -36,6 +36,7 @@ Read the shards back with :func:`open_records` / :func:`codes_dataset` (grain ``
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -45,6 +46,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grain
 import jax
@@ -52,10 +54,13 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from almtok_jax.audio import AudioError, load_audio, to_mono
-from almtok_jax.model import encode_segments
 from almtok_jax.pipeline import num_segments, num_tokens, segment_audio
-from almtok_jax.tokenizer import TOKEN_OFFSET, ALMTokenizer2, flatten
 from almtok_jax.train.data import ClipEntry, read_source
+
+# almtok_jax.model (and so the tokenizer) touches the devices on import, which must wait until
+# jax.distributed is initialised: those modules are imported inside the functions that use them.
+if TYPE_CHECKING:
+    from almtok_jax.tokenizer import ALMTokenizer2
 
 RECORD_MAGIC = b"ALMTOK1\n"
 CODE_DTYPES = ("<i2", "<i4")
@@ -114,9 +119,13 @@ def open_records(out: str | Path) -> grain.MapDataset:
     return grain.MapDataset.source(grain.sources.ArrayRecordDataSource([str(p) for p in paths])).map(decode_record)
 
 
-def codes_dataset(out: str | Path, tokens: bool = False, offset: int = TOKEN_OFFSET) -> grain.MapDataset:
+def codes_dataset(out: str | Path, tokens: bool = False, offset: int | None = None) -> grain.MapDataset:
     """Codes ``(Q, T)`` (``(C, Q, T)`` per channel) per file, or with ``tokens=True`` the flat LM tokens
-    ``(T * Q,)`` of :func:`almtok_jax.tokenizer.flatten` (``(C, T * Q)`` per channel)."""
+    ``(T * Q,)`` of :func:`almtok_jax.tokenizer.flatten` (``(C, T * Q)`` per channel; ``offset`` defaults
+    to ``TOKEN_OFFSET``)."""
+    from almtok_jax.tokenizer import TOKEN_OFFSET, flatten
+
+    offset = TOKEN_OFFSET if offset is None else offset
     records = open_records(out)
     if not tokens:
         return records.map(lambda r: r["codes"])
@@ -242,16 +251,24 @@ def load_stream(tok: ALMTokenizer2, work: Sequence[tuple[int, ClipEntry]], chann
 # ------------------------------------------------------------------------------------------------ encode
 
 
+@functools.cache
+def sharded_encode_codes(config, compat: str, mesh: Mesh):
+    """Jitted ``(variables, segments (B, S))`` -> codes ``(B, T/2, Q)`` int32, ``B`` split over the mesh's
+    ``data`` axis and the variables replicated (one compilation per batch shape)."""
+    from almtok_jax.model import encode_segments
+
+    rows, replicated = NamedSharding(mesh, PartitionSpec("data")), NamedSharding(mesh, PartitionSpec())
+    return jax.jit(lambda v, s: encode_segments(v, s, config, compat)["codes"],
+                   in_shardings=(replicated, rows), out_shardings=rows)
+
+
 def make_encoder(tok: ALMTokenizer2, mesh: Mesh):
-    """``(B, S)`` float32 segments -> codes ``(B, T/2, Q)`` int32, ``B`` split over the mesh's ``data`` axis;
-    the variables are placed once, replicated."""
+    """``(B, S)`` float32 segments (host) -> codes ``(B, T/2, Q)`` (device, asynchronous); the variables
+    are placed on the mesh once."""
+    fn = sharded_encode_codes(tok.config, tok.compat, mesh)
     rows = NamedSharding(mesh, PartitionSpec("data"))
-    replicated = NamedSharding(mesh, PartitionSpec())
-    variables = jax.device_put(tok.variables, replicated)
-    config, compat = tok.config, tok.compat
-    fn = jax.jit(lambda v, s: encode_segments(v, s, config, compat)["codes"],
-                 in_shardings=(replicated, rows), out_shardings=rows)
-    return lambda segments: fn(variables, segments)
+    variables = jax.device_put(tok.variables, NamedSharding(mesh, PartitionSpec()))
+    return lambda segments: fn(variables, jax.device_put(segments, rows))
 
 
 class SegmentPacker:
@@ -368,6 +385,8 @@ def encode_shards(tok: ALMTokenizer2, entries: Sequence[ClipEntry], shards: Sequ
 def summarize(out: Path, shards: Sequence[Shard], tok: ALMTokenizer2, settings: dict) -> tuple[dict, list[dict]]:
     """The run's summary and index entries from every shard's ``.json``: counts, hours, frames, tokens,
     failures, codec settings."""
+    from almtok_jax.tokenizer import TOKEN_OFFSET
+
     metas = [json.loads((out / f"{s.name}.json").read_text()) for s in shards]
     index = [e for m in metas for e in m["index"]]
     failures = [f for m in metas for f in m["failures"]]
@@ -432,6 +451,8 @@ def main(argv: list[str] | None = None) -> int:
     mine = process_shards(shards, jax.process_index(), jax.process_count())
     todo = [s for s in mine if not shard_is_complete(args.out, s, settings)]
     batch = args.batch_segments or DEFAULT_SEGMENTS_PER_DEVICE * jax.local_device_count()
+    from almtok_jax.tokenizer import ALMTokenizer2
+
     tok = ALMTokenizer2.load(args.checkpoint, compat=args.compat)
     progress = Progress(sum(s.stop - s.start for s in mine), sum(s.stop - s.start for s in mine if s not in todo),
                         enabled=not args.quiet)
