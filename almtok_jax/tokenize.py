@@ -208,7 +208,8 @@ def shard_is_complete(out: Path, shard: Shard, settings: dict) -> bool:
 
 @dataclass
 class LoadedFile:
-    """One file at 24 kHz: ``clips`` (one mono clip, or one per channel), or the reason it failed."""
+    """One file at 24 kHz: ``clips`` (one mono clip, or one per channel), or the reason it failed.
+    Once its segments are queued the clips are dropped and only their ``lengths`` kept."""
 
     index: int
     path: str
@@ -216,6 +217,7 @@ class LoadedFile:
     sample_rate: int = 0
     clips: list[np.ndarray] = field(default_factory=list)
     error: str | None = None
+    lengths: list[int] = field(default_factory=list)
 
 
 class LoadFile:
@@ -316,9 +318,9 @@ class SegmentPacker:
 def file_codes(loaded: LoadedFile, done: dict, tok: ALMTokenizer2, channels: str, dtype: str) -> np.ndarray:
     """Gather a file's segment codes: ``(Q, T)``, or ``(C, Q, T)`` with ``channels="separate"``."""
     per_clip = []
-    for c, clip in enumerate(loaded.clips):
-        rows = [done[(loaded.index, c, s)] for s in range(num_segments(len(clip), tok.pipeline, tok.compat))]
-        n_tok = num_tokens(len(clip), tok.pipeline, tok.compat)
+    for c, length in enumerate(loaded.lengths):
+        rows = [done[(loaded.index, c, s)] for s in range(num_segments(length, tok.pipeline, tok.compat))]
+        n_tok = num_tokens(length, tok.pipeline, tok.compat)
         per_clip.append(np.concatenate(rows).reshape(-1, tok.num_codebooks)[:n_tok].T)
     codes = per_clip[0] if channels == "mix" else np.stack(per_clip)
     return codes.astype(dtype)
@@ -360,11 +362,15 @@ def encode_shards(tok: ALMTokenizer2, entries: Sequence[ClipEntry], shards: Sequ
     work = [(i, entries[i]) for s in shards for i in range(s.start, s.stop)]
     stream = load_stream(tok, work, channels, settings["min_seconds"], workers)
     for shard in shards:
-        loaded = [next(stream) for _ in range(shard.stop - shard.start)]
-        for f in loaded:
+        loaded = []
+        for _ in range(shard.stop - shard.start):
+            f = next(stream)
             for c, clip in enumerate(f.clips):
                 for s, segment in enumerate(segment_audio(clip, tok.pipeline, tok.compat)):
                     packer.add(segment, (f.index, c, s))
+            f.lengths, f.clips = [len(c) for c in f.clips], []
+            loaded.append(f)
+            progress.update(1, f.duration)
         done = packer.drain()
         records, index, failures = [], [], []
         for f in loaded:
@@ -379,7 +385,6 @@ def encode_shards(tok: ALMTokenizer2, entries: Sequence[ClipEntry], shards: Sequ
         _write_array_record(out / f"{shard.name}{SHARD_SUFFIX}", records)
         _write_json(out / f"{shard.name}.json", {"settings": settings, "files": [shard.start, shard.stop],
                                                  "index": index, "failures": failures})
-        progress.update(len(loaded), sum(f.duration for f in loaded))
 
 
 def summarize(out: Path, shards: Sequence[Shard], tok: ALMTokenizer2, settings: dict) -> tuple[dict, list[dict]]:
