@@ -24,7 +24,7 @@ import yaml
 
 from almtok_jax.component import DIT_CONFIG, SQ_CONFIG, WHISPER_CONFIG
 from almtok_jax.config import ALMTokenizer2Config
-from almtok_jax.sqcodec import SQCodecConfig
+from almtok_jax.sqcodec import SQCodecConfig, read_sq_config
 from almtok_jax.torch_io import load_state_dict
 
 
@@ -58,6 +58,7 @@ def _resolve(folder: Path, name: str | None, default: str) -> Path:
     raise ReleaseError(f"{folder}: missing {name or default!r} (looked for {folder / Path(name or default).name})")
 
 
+RELEASE_FILES = (SQ_CONFIG, DIT_CONFIG, WHISPER_CONFIG)
 _CHECKPOINT_NAME = re.compile(r"ep(\d+)(?:-iter(\d+))?")
 
 
@@ -102,12 +103,7 @@ def read_release_files(folder: Path, train_args: dict) -> dict[str, dict]:
     """The parsed release files a component's ``derive`` reads, by name (:data:`RELEASE_FILES`): the
     ``generator.config`` section of ``sq_config.yaml`` (required), ``model_config.json`` and
     ``whisper-medium/config.json`` (each only if present)."""
-    sq_path = _resolve(folder, train_args.get("sq_config"), "sq_config.yaml")
-    data = yaml.safe_load(sq_path.read_text()) or {}
-    section = (data.get("generator") or {}).get("config") if isinstance(data, dict) else None
-    if not isinstance(section, dict):
-        raise ReleaseError(f"{sq_path}: no 'generator.config' mapping (the SQ codec hyper-parameters)")
-    files = {SQ_CONFIG: section}
+    files = {SQ_CONFIG: read_sq_config(_resolve(folder, train_args.get("sq_config"), SQ_CONFIG))}
     whisper_dir = _find(folder, train_args.get("whisper_path"), str(Path(WHISPER_CONFIG).parent))
     found = {DIT_CONFIG: _find(folder, train_args.get("transformer_diffusion_config"), DIT_CONFIG),
              WHISPER_CONFIG: whisper_dir / Path(WHISPER_CONFIG).name if whisper_dir is not None else None}
@@ -115,7 +111,6 @@ def read_release_files(folder: Path, train_args: dict) -> dict[str, dict]:
     return files
 
 
-RELEASE_FILES = (SQ_CONFIG, DIT_CONFIG, WHISPER_CONFIG)
 # (config.yaml argument naming the file, default name): every file the converter reads besides the checkpoint.
 _NAMED_FILES = (("sq_config", SQ_CONFIG), ("sq_resume", "sqcodec.pth"), ("transformer_diffusion_config", DIT_CONFIG),
                 ("whisper_path", WHISPER_CONFIG))
@@ -144,9 +139,9 @@ def download_release(hub, repo_id: str, checkpoint_file: str | None = None) -> P
     checkpoints = [n for n in listed if "/" not in n and checkpoint_order(n) is not None]
     if checkpoint_file is None and not checkpoints:
         raise ReleaseError(f"{repo_id}: no ep<N>[-iter<M>].checkpoint file in the repository")
-    wanted.add(checkpoint_file or max(checkpoints, key=checkpoint_order))
-    for name in sorted(wanted & listed | ({checkpoint_file} if checkpoint_file else set())):
+    for name in sorted(wanted & listed):
         get(name)
+    get(checkpoint_file or max(checkpoints, key=checkpoint_order))  # a named one even if not listed
     name, path = next(iter(downloaded.items()))
     return path.parents[len(Path(name).parts) - 1]
 
@@ -156,29 +151,22 @@ def _compare(where: str, pairs: dict[str, tuple[object, object]]) -> list[str]:
             for name, (found, want) in pairs.items() if found != want]
 
 
-def check_release_configs(folder: Path, train_args: dict, config: ALMTokenizer2Config) -> None:
-    """The release's own architecture files must agree with ``config``; every disagreement is listed."""
-    problems = []
-    sq_path = _resolve(folder, train_args.get("sq_config"), "sq_config.yaml")
-    sq = SQCodecConfig.from_yaml(sq_path)
-    problems += [f"{sq_path.name}: {f.name} is {getattr(sq, f.name)} but {getattr(config.sqcodec, f.name)} in "
-                 "the config" for f in dataclasses.fields(sq)
-                 if getattr(sq, f.name) != getattr(config.sqcodec, f.name)]
-    whisper_json = _resolve(folder, train_args.get("whisper_path"), "whisper-medium") / "config.json"
-    if whisper_json.is_file():
-        hf = json.loads(whisper_json.read_text())
-        w = config.experts.whisper
-        problems += _compare(whisper_json.name, {
+def check_release_configs(folder: Path, files: dict[str, dict], config: ALMTokenizer2Config) -> None:
+    """The release's own architecture files (:func:`read_release_files`) must agree with ``config``; every
+    disagreement is listed."""
+    sq = SQCodecConfig.from_dict(files[SQ_CONFIG], where=f"{SQ_CONFIG}: generator.config")
+    problems = [f"{SQ_CONFIG}: {f.name} is {getattr(sq, f.name)} but {getattr(config.sqcodec, f.name)} in the config"
+                for f in dataclasses.fields(sq) if getattr(sq, f.name) != getattr(config.sqcodec, f.name)]
+    if WHISPER_CONFIG in files:
+        hf, w = files[WHISPER_CONFIG], config.experts.whisper
+        problems += _compare(WHISPER_CONFIG, {
             "d_model": (hf.get("d_model"), w.d_model), "encoder_layers": (hf.get("encoder_layers"), w.encoder_layers),
             "encoder_attention_heads": (hf.get("encoder_attention_heads"), w.encoder_attention_heads),
             "encoder_ffn_dim": (hf.get("encoder_ffn_dim"), w.encoder_ffn_dim),
             "num_mel_bins": (hf.get("num_mel_bins"), w.num_mel_bins)})
-    dit_name = train_args.get("transformer_diffusion_config")
-    dit_json = next((p for p in ([folder / dit_name, folder / Path(dit_name).name] if dit_name else [])
-                     if p.is_file()), None)
-    if dit_json is not None:  # the real release does not ship it (it is a file of the code repository)
-        d, c = json.loads(dit_json.read_text()), config.dit
-        problems += _compare(dit_json.name, {
+    if DIT_CONFIG in files:  # the real release may not ship it (upstream reads it from the code repository)
+        d, c = files[DIT_CONFIG], config.dit
+        problems += _compare(DIT_CONFIG, {
             "num_layers": (d.get("num_layers"), c.num_layers),
             "num_attention_heads": (d.get("num_attention_heads"), c.num_attention_heads),
             "attention_head_dim": (d.get("attention_head_dim"), c.attention_head_dim),
@@ -204,9 +192,9 @@ def read_release(folder: str | Path, config: ALMTokenizer2Config | None = None,
     train_args = yaml.safe_load(train_yaml.read_text()) if train_yaml.is_file() else {}
     if not isinstance(train_args, dict):
         raise ReleaseError(f"{train_yaml}: not a mapping of training arguments")
-    if config is not None:
-        check_release_configs(folder, train_args, config)
     files = read_release_files(folder, train_args)
+    if config is not None:
+        check_release_configs(folder, files, config)
     checkpoint = select_checkpoint(folder, checkpoint_file)
     codec = _resolve(folder, train_args.get("sq_resume"), "sqcodec.pth")
     model_state = load_state_dict(checkpoint, select="model")

@@ -63,6 +63,19 @@ QUANT_LEVELS_PER_UNIT = 9.0  # q(z) = round(9 z) / 9: 19 levels for |z| < 1
 RES_DILATIONS = (1, 3, 5, 7, 9)  # dilations of the five ResidualUnits of every block
 
 
+def read_sq_config(path: str | Path) -> dict:
+    """The ``generator.config`` mapping of a release ``sq_config.yaml`` (the ``ScalarModel`` arguments)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"SQ codec config {path} does not exist")
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    section = (data.get("generator") or {}).get("config") if isinstance(data, dict) else None
+    if not isinstance(section, dict):
+        raise ValueError(f"{path}: no 'generator.config' mapping (the SQ codec hyper-parameters)")
+    return section
+
+
 @dataclass(frozen=True)
 class SQCodecConfig:
     """The 13 ``generator.config`` fields of ``sq_config.yaml``; defaults = the released architecture.
@@ -127,15 +140,7 @@ class SQCodecConfig:
     @classmethod
     def from_yaml(cls, path: str | Path) -> SQCodecConfig:
         """Read ``generator.config`` of a release ``sq_config.yaml``."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"SQ codec config {path} does not exist")
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-        section = (data.get("generator") or {}).get("config") if isinstance(data, dict) else None
-        if not isinstance(section, dict):
-            raise ValueError(f"{path}: no 'generator.config' mapping (the SQ codec hyper-parameters)")
-        return cls.from_dict(section, where=f"{path}: generator.config")
+        return cls.from_dict(read_sq_config(path), where=f"{path}: generator.config")
 
     @classmethod
     def from_meta(cls, meta_config: Mapping) -> SQCodecConfig:
