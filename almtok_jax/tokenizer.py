@@ -22,8 +22,8 @@ import numpy as np
 
 from almtok_jax.audio import AudioError, resample
 from almtok_jax.compat import check_compat
-from almtok_jax.config import ALMTokenizer2Config, from_dict
-from almtok_jax.model import decode_latents, encode_segments, generate_latents, merge_variables
+from almtok_jax.config import ALMTokenizer2Config
+from almtok_jax.model import decode_latents, encode_segments, generate_latents, load_model
 from almtok_jax.pipeline import (
     Compat,
     PipelineConfig,
@@ -77,12 +77,10 @@ class ALMTokenizer2:
 
     @classmethod
     def load(cls, checkpoint_dir: str | Path, compat: Compat = "default") -> ALMTokenizer2:
-        """Load a model directory written by ``convert_torch_weights.py`` or ``train.py --export``."""
-        from almtok_jax.train.checkpoint import load_model_dir
-
-        tree, config = load_model_dir(checkpoint_dir)
-        variables = jax.tree.map(jnp.asarray, merge_variables(tree))
-        return cls(variables, from_dict(ALMTokenizer2Config, config, where=f"{checkpoint_dir}/config.yaml"), compat)
+        """Load a model directory written by ``convert_torch_weights.py`` or ``train.py --export``; its
+        config is checked against its weights and itself (:func:`~almtok_jax.model.load_model`)."""
+        variables, config = load_model(checkpoint_dir)
+        return cls(jax.tree.map(jnp.asarray, variables), config, compat)
 
     @property
     def pipeline(self) -> PipelineConfig:

@@ -6,7 +6,7 @@ Run by hand from the repo root (not in CI)::
                                      [--dtypes float32 bfloat16] [--steps 2] [--repeats 3]
 
 Sizes: ``full`` = ``configs/almtokenizer2.yaml`` (released architecture), ``tiny`` =
-``configs/tiny_release.yaml``, both with random weights (``random_variables``: N(0, 0.02) parameters, real
+``configs/tiny_release.yaml``, both with fresh weights (the modules' own initializers, as training starts; real
 filter banks / resampling kernel / position table). Units: an encode *segment* and a decode *window* are
 both 12 s of 24 kHz audio.
 
@@ -45,15 +45,12 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common import current_rss_mib, machine, peak_rss_mib, random_variables, run_child_process, timed  # noqa: E402
+from common import current_rss_mib, machine, model_variables, peak_rss_mib, run_child_process, timed  # noqa: E402
 
-from almtok_jax.audio import load_mono, sinc_resample_kernel  # noqa: E402
+from almtok_jax.audio import load_mono  # noqa: E402
 from almtok_jax.config import ALMTokenizer2Config, load_model_config  # noqa: E402
-from almtok_jax.experts.musicfm import MelFrontEnd  # noqa: E402
-from almtok_jax.flow.dit import sinusoidal_table  # noqa: E402
-from almtok_jax.model import MODEL_COMPONENTS, decode_latents, encode_segments, generate_latents  # noqa: E402
+from almtok_jax.model import decode_latents, encode_segments, generate_latents  # noqa: E402
 from almtok_jax.pipeline import plan_windows, segment_audio  # noqa: E402
-from almtok_jax.sqcodec import SQCodec  # noqa: E402
 
 PRESETS = {"tiny": "tiny_release", "full": "almtokenizer2"}
 MUSIC = REPO.parent / "shared" / "audio" / "music"
@@ -66,35 +63,10 @@ def model_config(size: str, dtype: str) -> ALMTokenizer2Config:
     return dataclasses.replace(config, dit=dataclasses.replace(config.dit, dtype=dtype))
 
 
-def _sqcodec_shapes(config: ALMTokenizer2Config) -> dict:
-    sq = config.sqcodec
-    dummy = jax.ShapeDtypeStruct((1, 2 * sq.hop_length, sq.num_bands), jnp.float32)
-    return jax.eval_shape(SQCodec(sq).init, jax.random.key(0), dummy)
-
-
-def _fixed_buffers(config: ALMTokenizer2Config) -> dict[str, dict]:
-    """The real (weight-independent) buffers: resampling kernel, MusicFM window + mel bank, DiT positions."""
-    e, d = config.experts, config.dit
-    mel = MelFrontEnd(e.musicfm).init(jax.random.key(0), jnp.zeros((1, e.musicfm.n_fft)))["buffers"]
-    kernel = sinc_resample_kernel(e.wavlm.input_sample_rate, e.wavlm.sample_rate)
-    return {"wavlm": {"buffers": {"wavlm_transfer": {"kernel": kernel}}},
-            "musicfm": {"buffers": {"mel_stft": dict(mel)}},
-            "flow": {"buffers": {"estimator": {"pos_embed": {"pe": sinusoidal_table(
-                d.num_positional_embeddings, d.inner_dim)}}}}}
-
-
-def component_variables(config: ALMTokenizer2Config, names: tuple[str, ...], key: jax.Array) -> dict:
-    """Random variables of the named components (the layout of :mod:`almtok_jax.model`)."""
-    shapes = {c.name: c.shapes for c in MODEL_COMPONENTS} | {"sqcodec": _sqcodec_shapes}
-    fixed = _fixed_buffers(config)
-    keys = jax.random.split(key, len(names))
-    return {name: random_variables(shapes[name](config), k, fixed=fixed.get(name))
-            for name, k in zip(names, keys, strict=True)}
-
-
 def stage_variables(config: ALMTokenizer2Config, names: tuple[str, ...]) -> tuple[dict, dict]:
-    """:func:`component_variables` and what they cost: float count and the process RSS once built."""
-    variables = jax.block_until_ready(component_variables(config, names, jax.random.key(0)))
+    """Fresh variables of the named components and what they cost: float count and the process RSS once
+    built."""
+    variables = model_variables(config, names, jax.random.key(0))
     count = sum(x.size for x in jax.tree.leaves(variables))
     return variables, {"components": list(names), "weights_millions": round(count / 1e6, 2),
                        "rss_after_weights_mib": current_rss_mib()}

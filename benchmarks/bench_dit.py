@@ -23,19 +23,18 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common import peak_rss_mib, random_variables, timed  # noqa: E402
+from common import peak_rss_mib, timed  # noqa: E402
 
-from almtok_jax.flow.cfm import SamplerConfig, cfm_rules, cfm_shapes, estimator_variables, make_sampler  # noqa: E402
+from almtok_jax.flow.cfm import FLOW, SamplerConfig, estimator_variables, make_sampler  # noqa: E402
 from almtok_jax.flow.dit import (  # noqa: E402
     ESTIMATOR_PREFIX,
     DiTConfig,
     DiTEstimator,
     dit_rules,
     init_shapes,
-    sinusoidal_table,
 )
 from almtok_jax.golden.runner import load_fixture  # noqa: E402
-from almtok_jax.mapping import Rule, convert_state_dict, prefixed  # noqa: E402
+from almtok_jax.mapping import convert_state_dict, prefixed  # noqa: E402
 
 FIXTURES = REPO.parent / "shared" / "fixtures" / "core"
 
@@ -59,17 +58,15 @@ def forward_flops(config: DiTConfig, batch: int, frames: int) -> float:
     return batch * (proj_in + blocks + proj_out + timestep)
 
 
-def dit_random_variables(config: DiTConfig, frames: int) -> dict:
-    """Full-size estimator variables: eval_shape + N(0, 0.02) leaves, the real position table."""
-    pe = sinusoidal_table(config.num_positional_embeddings, config.inner_dim)
-    return random_variables(init_shapes(config, frames), jax.random.key(0),
-                            fixed={"buffers": {"pos_embed": {"pe": pe}}})
+def dit_random_variables(config: DiTConfig) -> dict:
+    """Full-size estimator variables from the flow component's own initializers (the real position table)."""
+    return estimator_variables(jax.jit(FLOW.init, static_argnums=0)(config, jax.random.key(0)))
 
 
 def speed(frames: int, repeats: int) -> None:
     config = DiTConfig()
     model = DiTEstimator(config)
-    variables = dit_random_variables(config, frames)
+    variables = dit_random_variables(config)
     run = make_sampler(model, SamplerConfig(num_steps=1))
     key = jax.random.split(jax.random.key(1), 3)
     cond = jax.random.normal(key[0], (1, frames, config.cond_dim))
@@ -109,8 +106,7 @@ def speed(frames: int, repeats: int) -> None:
 def _sampler_fixture():
     fx = load_fixture(FIXTURES / "sampler.npz")
     config = DiTConfig.from_fixture(fx.config)
-    not_flow = Rule(r"(?!cfm_wrapper\.|zero_cond_embedding1$).*", None)
-    variables = convert_state_dict(fx.state_dict, [*cfm_rules(config), not_flow], expected=cfm_shapes(config))
+    variables = FLOW.load(fx.state_dict, config, source=fx.path.name)
     return fx, config, estimator_variables(variables)
 
 

@@ -1,5 +1,5 @@
-"""Helpers shared by the benchmark scripts: random variables of the real shapes, timing, peak memory,
-one child process per measured configuration."""
+"""Helpers shared by the benchmark scripts: fresh model variables, timing, peak memory, one child process
+per measured configuration."""
 
 from __future__ import annotations
 
@@ -10,49 +10,19 @@ import resource
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 
-def random_variables(shapes: Mapping, key: jax.Array, scale: float = 0.02,
-                     fixed: Mapping | None = None) -> dict:
-    """Arrays for a ``jax.eval_shape(init)`` tree without running the module's init.
+def model_variables(config: Any, names: tuple[str, ...], key: jax.Array) -> dict:
+    """Fresh variables of the named components (:func:`almtok_jax.model.init_variables`: the modules' own
+    initializers, the path training takes), built on the device."""
+    from almtok_jax.model import init_variables
 
-    Leaves present in ``fixed`` (same nesting, any subset: e.g. filter banks, position tables) are used as
-    given (shape-checked); batch-norm statistics (collection ``batch_stats``) are ``mean`` 0 / ``var`` 1;
-    every other float leaf is ``N(0, scale²)``, integer leaves are zero. The normal draws come from a NumPy
-    generator seeded by ``key``: jitted ``jax.random`` compiles one kernel per leaf shape (minutes at full
-    size on a small CPU).
-    """
-    flat, tree = jax.tree_util.tree_flatten_with_path(shapes)
-    known = dict(jax.tree_util.tree_flatten_with_path(fixed or {})[0])
-    unused = set(known) - {p for p, _ in flat}
-    if unused:
-        raise ValueError(f"fixed leaves not in the shapes: {sorted(jax.tree_util.keystr(p) for p in unused)}")
-    rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
-
-    def fill(path: tuple, leaf: jax.ShapeDtypeStruct) -> jax.Array:
-        if path in known:
-            value = np.asarray(known[path], leaf.dtype)
-            if value.shape != tuple(leaf.shape):
-                raise ValueError(f"fixed {jax.tree_util.keystr(path)}: shape {value.shape}, "
-                                 f"expected {leaf.shape}")
-            return jnp.asarray(value)
-        if not jnp.issubdtype(leaf.dtype, jnp.floating):
-            return jnp.zeros(leaf.shape, leaf.dtype)
-        if jax.tree_util.keystr(path[:1]) == "['batch_stats']":
-            name = jax.tree_util.keystr(path[-1:])
-            return (jnp.ones if name == "['var']" else jnp.zeros)(leaf.shape, leaf.dtype)
-        value = rng.standard_normal(leaf.shape, np.float32)
-        value *= scale
-        return jnp.asarray(value, leaf.dtype)
-
-    return jax.tree_util.tree_unflatten(tree, [fill(p, leaf) for p, leaf in flat])
+    return jax.block_until_ready(jax.jit(init_variables, static_argnums=(0, 2))(config, key, names))
 
 
 def timed(fn: Callable, *args, repeats: int) -> tuple[list[float], Any]:

@@ -9,19 +9,16 @@ import pytest
 from conftest import FIXTURES
 
 from almtok_jax.experts.musicfm import (
-    CHECKPOINT_PREFIX,
+    MUSICFM,
     MusicFMConfig,
-    init_variables,
     min_input_length,
     musicfm_features,
     musicfm_layer_results,
-    musicfm_rules,
     num_frames,
     trimmed_length,
-    variable_shapes,
 )
 from almtok_jax.golden.runner import load_fixture
-from almtok_jax.mapping import MappingError, convert_state_dict, prefixed
+from almtok_jax.mapping import MappingError
 
 TINY = MusicFMConfig(conv_dim=4, encoder_dim=16, encoder_depth=5, num_heads=2, ffn_dim=32,
                      output_layers=(1, 3))
@@ -30,7 +27,7 @@ FIXTURE = FIXTURES / "experts" / "musicfm_tiny.npz"
 
 @pytest.fixture(scope="module")
 def tiny_variables():
-    return init_variables(TINY, jax.random.PRNGKey(0))
+    return jax.jit(MUSICFM.init, static_argnums=0)(TINY, jax.random.PRNGKey(0))
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +54,7 @@ def test_output_shapes_follow_floor_n_over_960(tiny_variables, n):
 
 
 def test_fresh_buffers_match_the_reference_constants(tiny_variables, fixture):
-    prefix = CHECKPOINT_PREFIX + "preprocessor_melspec_2048.mel_stft."
+    prefix = MUSICFM.key_prefix + "preprocessor_melspec_2048.mel_stft."
     buffers = tiny_variables["buffers"]
     np.testing.assert_allclose(buffers["mel_stft"]["window"], fixture.buffers[prefix + "spectrogram.window"],
                                rtol=0, atol=1e-6)
@@ -67,7 +64,7 @@ def test_fresh_buffers_match_the_reference_constants(tiny_variables, fixture):
 
 
 def test_blocks_beyond_last_requested_layer_are_not_created():
-    shapes = variable_shapes(TINY)
+    shapes = MUSICFM.abstract_variables(TINY)
     layers = shapes["params"]["conformer"]["layers"]
     assert layers["ffn1"]["intermediate_dense"]["kernel"].shape == (3, 16, 32)
     assert shapes["batch_stats"]["conformer"]["layers"]["conv_module"]["batch_norm"]["mean"].shape == (3, 16)
@@ -77,8 +74,7 @@ def test_blocks_beyond_last_requested_layer_are_not_created():
 def test_fixture_loads_only_needed_layers_and_matches(fixture):
     config = MusicFMConfig.from_meta(fixture.config)
     assert config.output_layers == (4, 11) and config.num_blocks == 11
-    variables = convert_state_dict(fixture.state_dict, prefixed(CHECKPOINT_PREFIX, musicfm_rules(config)),
-                                   expected=variable_shapes(config))
+    variables = MUSICFM.load(fixture.state_dict, config)
     assert variables["params"]["conformer"]["layers"]["final_layer_norm"]["scale"].shape[0] == 11
     assert "layer_norm" not in variables["params"]["conformer"]
     assert set(variables) == {"params", "batch_stats", "buffers"}
@@ -92,11 +88,10 @@ def test_fixture_loads_only_needed_layers_and_matches(fixture):
 
 def test_missing_needed_block_is_reported(fixture):
     config = MusicFMConfig.from_meta(fixture.config)
-    key = CHECKPOINT_PREFIX + "conformer.layers.3.self_attn.linear_q.weight"
+    key = MUSICFM.key_prefix + "conformer.layers.3.self_attn.linear_q.weight"
     state = {k: v for k, v in fixture.state_dict.items() if k != key}
     with pytest.raises(MappingError, match="layers"):
-        convert_state_dict(state, prefixed(CHECKPOINT_PREFIX, musicfm_rules(config)),
-                           expected=variable_shapes(config))
+        MUSICFM.load(state, config)
 
 
 def test_jit_compiles_once_per_shape(tiny_variables):

@@ -24,13 +24,13 @@ from almtok_jax.quantizer import (
     extract_frames,
     extract_queries,
     gpt_loss,
-    init_variables,
     interleave_masks,
     interleave_queries,
     quantize,
     rope_inv_freq,
     train_forward,
 )
+from almtok_jax.quantizer.query import QUANTIZER
 
 TINY = QuantizerConfig(block=BlockConfig(dim=64, dim_heads=32), encoder_depth=1, decoder_depth=1,
                        rvq=RVQConfig(dim=64, codebook_size=16, codebook_dim=4, num_quantizers=2),
@@ -39,7 +39,7 @@ TINY = QuantizerConfig(block=BlockConfig(dim=64, dim_heads=32), encoder_depth=1,
 
 @pytest.fixture(scope="module")
 def tiny_variables():
-    return init_variables(TINY, jax.random.key(0))
+    return jax.jit(QUANTIZER.init, static_argnums=0)(TINY, jax.random.key(0))
 
 
 def _labels(b: int, t: int) -> jnp.ndarray:
@@ -116,11 +116,11 @@ def test_train_forward_updates_codebook_and_is_differentiable(tiny_variables):
 
 def test_decoder_only_loading_matches_sampler_fixture(shared_dir):
     from almtok_jax.golden.runner import load_fixture
-    from almtok_jax.quantizer.query import DECODER_PARTS, load_variables
+    from almtok_jax.quantizer.query import DECODER_PARTS
 
     fx = load_fixture(shared_dir / "fixtures/core/sampler.npz")
     config = QuantizerConfig.from_meta(fx.config)
-    variables = load_variables(fx.state_dict, config, parts=DECODER_PARTS)  # DiT keys are ignored
+    variables = QUANTIZER.load(fx.state_dict, config, names=DECODER_PARTS)  # DiT keys are ignored
     assert "encoder_transformers" not in variables["params"]
     codes = jnp.asarray(fx.inputs["codes_noprefix"]).transpose(0, 2, 1)
     with jax.default_matmul_precision("highest"):

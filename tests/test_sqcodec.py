@@ -12,11 +12,11 @@ from conftest import FIXTURES
 
 from almtok_jax.mapping import MappingError
 from almtok_jax.sqcodec import (
+    SQCODEC,
     SQCodec,
     SQCodecConfig,
     decoded_length,
     latent_frames,
-    load_sqcodec,
     quantize,
     sq_decode,
     sq_encode,
@@ -130,29 +130,29 @@ def test_config_checkpoint_mismatch_is_one_clear_error():
     wrong = SQCodecConfig.from_dict({**config.__dict__, "init_channel": 8})
     with pytest.raises(MappingError, match=r"encoder\.0\.weight_v: checkpoint \(4, 1, 7\), config implies "
                                            r"\(8, 1, 7\)"):
-        load_sqcodec(sd, wrong)
+        SQCODEC.load(sd, wrong)
     wrong = SQCodecConfig.from_dict({**config.__dict__, "res_kernel_size": 5})
     with pytest.raises(MappingError, match=r"convs\.0\.conv1\.weight_v: checkpoint \(4, 4, 7\)"):
-        load_sqcodec(sd, wrong)
+        SQCODEC.load(sd, wrong)
     fewer = SQCodecConfig.from_dict({**config.__dict__, **{k: getattr(config, k)[:4] for k in (
         "downsample_factors", "downsample_kernel_sizes", "upsample_factors", "upsample_kernel_sizes")}})
     with pytest.raises(MappingError, match="5 encoder stages .* 4 in the config"):
-        load_sqcodec(sd, fewer)
+        SQCODEC.load(sd, fewer)
     two = SQCodecConfig.from_dict({**config.__dict__, "num_samples": 2})
     with pytest.raises(MappingError, match="lacks the PreProcessor"):
-        load_sqcodec(sd, two)
+        SQCODEC.load(sd, two)
 
 
 def test_shared_down_prelu_last_copy_wins():
     sd, config = _fixture_state_dict()
     keys = sorted(k for k in sd if k.endswith("down_conv.activation.weight"))
     assert len(keys) == config.num_stages
-    variables = load_sqcodec(sd, config)
+    variables = SQCODEC.load(sd, config)
     assert float(variables["params"]["encoder"]["down_activation"][0]) == float(sd[keys[-1]][0])
     for i, k in enumerate(keys):
         sd[k] = np.array([0.1 * (i + 1)], np.float32)
     with pytest.warns(UserWarning, match="shared down-sampling PReLU copies differ"):
-        variables = load_sqcodec(sd, config)
+        variables = SQCODEC.load(sd, config)
     slope = variables["params"]["encoder"]["down_activation"]
     np.testing.assert_allclose(slope, [0.1 * len(keys)], rtol=1e-6)
 
@@ -179,7 +179,7 @@ def test_release_tiny_sqcodec_loads_and_decodes():
     config = SQCodecConfig.from_yaml(RELEASE / "sq_config.yaml")
     sd = torch_io.load_state_dict(RELEASE / "sqcodec.pth", select="codec_model")
     assert len(sd) == 447
-    variables = load_sqcodec(sd, config, source="sqcodec.pth")
+    variables = SQCODEC.load(sd, config, source="sqcodec.pth")
     with np.load(RELEASE / "expected.npz") as z:
         latents, wave = z["out/dec_latents_speech"][:, :12], z["out/wave_speech"][:, : 10 * config.hop_length]
     # Causal decoder with 2 frames of look-ahead (decoder.0): 12 frames fix the first 10 frames' samples.

@@ -21,10 +21,10 @@ import soundfile as sf
 
 from almtok_jax.config import load_model_config
 from almtok_jax.flow.dit import sinusoidal_table
-from almtok_jax.model import FROZEN
+from almtok_jax.model import FROZEN, init_variables
 from almtok_jax.tokenizer import ALMTokenizer2
 from almtok_jax.train.state import decay_mask, path_names
-from almtok_jax.train.task import random_variables, task_trees
+from almtok_jax.train.task import task_trees
 
 REPO = Path(__file__).resolve().parents[1]
 AUDIO = Path(os.environ.get("ALMTOK_SHARED", REPO.parent / "shared")).resolve() / "audio"
@@ -132,7 +132,7 @@ def test_export_loads_with_tokenizer_load(runs):
 
 def test_task_trees_layout_and_decay_rule():
     config = load_model_config(MODEL)
-    variables = jax.eval_shape(lambda k: random_variables(config, k), jax.random.key(0))
+    variables = jax.eval_shape(lambda k: init_variables(config, k), jax.random.key(0))
     trainable, frozen, extra = task_trees(variables)
     assert set(frozen) == set(FROZEN) and set(trainable) == {"fusion", "quantizer", "flow"}
     assert all(set(t) == {"params"} for t in trainable.values())
@@ -140,7 +140,7 @@ def test_task_trees_layout_and_decay_rule():
     mask = jax.tree_util.tree_flatten_with_path(decay_mask(path_names(trainable), ("norm",)))[0]
     no_decay = {jax.tree_util.keystr(p) for p, decayed in mask if not decayed}
     assert no_decay and all("q_norm" in n or "k_norm" in n for n in no_decay), no_decay
-    buffers = jax.jit(lambda k: random_variables(config, k)["flow"]["buffers"])(jax.random.key(0))
+    buffers = jax.jit(lambda k: init_variables(config, k)["flow"]["buffers"])(jax.random.key(0))
     np.testing.assert_array_equal(np.asarray(buffers["estimator"]["pos_embed"]["pe"]),
                                   sinusoidal_table(config.dit.num_positional_embeddings, config.dit.inner_dim))
 
@@ -154,7 +154,7 @@ def test_gpt_loss_switch_adds_a_trained_predictor():
     base = load_model_config(MODEL)
     gpt = replace(base.quantizer.gpt_loss, enabled=True, layers=1, heads=2, width=32, max_len=64)
     config = replace(base, quantizer=replace(base.quantizer, gpt_loss=gpt))
-    variables = jax.eval_shape(lambda k: random_variables(config, k), jax.random.key(0))
+    variables = jax.eval_shape(lambda k: init_variables(config, k), jax.random.key(0))
     trainable, frozen, extra = task_trees(variables)
     assert "gpt" in trainable
     batch = {"wav": jax.ShapeDtypeStruct((2, 24240), np.float32), "length": jax.ShapeDtypeStruct((2,), np.int32)}
