@@ -78,16 +78,17 @@ def init_variables(config: ALMTokenizer2Config, key: Array, names: tuple[str, ..
             for i, c in enumerate(components(config)) if names is None or c.name in names}
 
 
-def absent_components(states: Mapping[str, Mapping], config: ALMTokenizer2Config, source: str) -> list[str]:
-    """One line per converted component of which ``states`` (state-dict name -> state dict) holds no key,
-    e.g. a checkpoint saved without its frozen experts, with the number of tensors it needs."""
-    problems = []
+def absent_components(states: Mapping[str, Mapping], config: ALMTokenizer2Config, source: str) -> dict[str, str]:
+    """Component name -> one line, for each converted component of which ``states`` (state-dict name ->
+    state dict) holds no key (e.g. a checkpoint saved without its frozen experts), with the number of
+    tensors it needs."""
+    problems = {}
     for c in components(config):
         if c.source is not None and not any(c.owns(k) for k in states[c.source]):
             needed = len(jax.tree.leaves(c.abstract_variables(c.config(config))))
             where = c.key_prefix or ", ".join(f"{n}." for n in c.key_names or ())
-            problems.append(f"{source}: component {c.name} is missing from {c.source}: none of the {needed} "
-                            f"tensors it needs (keys under {where}) is there")
+            problems[c.name] = (f"{source}: component {c.name} is missing from {c.source}: none of the {needed} "
+                                f"tensors it needs (keys under {where}) is there")
     return problems
 
 
@@ -104,7 +105,7 @@ def derive_config(model_state: Mapping, codec_state: Mapping, files: ReleaseFile
     states = {MODEL_STATE: model_state, CODEC_STATE: codec_state}
     absent = absent_components(states, config, source)
     if absent:
-        raise DeriveError("\n".join(absent))
+        raise DeriveError("\n".join(absent.values()))
     for c in components(config):
         if c.source is not None:
             try:
@@ -125,23 +126,21 @@ def convert_checkpoint(model_state: Mapping[str, np.ndarray], codec_state: Mappi
     """Reference state dicts (``ep*.checkpoint['model']``, ``sqcodec.pth['codec_model']``) -> variables
     (state dicts of ``jax.ShapeDtypeStruct`` give the variables' shapes through the same rules).
 
-    Every key goes to the one component whose key prefix owns it; a key no component owns, a variable no
-    key provides and every shape mismatch are collected over all components and raised together as one
-    :class:`MappingError` naming ``source``.
+    Every key goes to the one component whose key prefix owns it; a key no component owns, a component
+    without any key (one line each), a variable no key provides and every shape mismatch are collected over
+    all components and raised together as one :class:`MappingError` naming ``source``.
     """
     states = {MODEL_STATE: model_state, CODEC_STATE: codec_state}
     converted = [c for c in components(config) if c.source is not None]
     absent = absent_components(states, config, source)
-    if absent:
-        raise MappingError("\n".join(absent))
-    variables, problems = {}, []
+    variables, problems = {}, list(absent.values())
     for state_name, state in states.items():
         owners = [c for c in converted if c.source == state_name]
         unowned = [f"{k} {tuple(np.shape(v))}" for k, v in state.items() if not any(c.owns(k) for c in owners)]
         if unowned:
             problems.append(f"{source}: {len(unowned)} keys of {state_name} belong to no component:\n    "
                             + "\n    ".join(unowned))
-    for c in converted:
+    for c in (c for c in converted if c.name not in absent):
         try:
             variables[c.name] = c.load(states[c.source], c.config(config), source=f"{source} [{c.name}]")
         except MappingError as e:
