@@ -15,7 +15,8 @@ lists them in the order of the model picture. A component says
 * its architecture: ``derive(key_shapes, base, files)`` (optional) reads the component config off a
   release: the release file that states it (``files``: parsed release files by name, see
   :mod:`almtok_jax.release`), then the names and shapes of the keys it owns (``key_shapes``: key relative
-  to ``key_prefix`` -> shape); numbers neither reveals stay as in ``base`` (the release architecture).
+  to ``key_prefix``, weight norm spelled ``weight_g``/``weight_v`` -> shape); numbers neither reveals stay
+  as in ``base`` (the release architecture).
   ``config_path`` is where the result goes in the model config (``"experts.wavlm"``);
 * its variables: :meth:`Component.init` (the module's own initializers, the training init) and
   :meth:`Component.abstract_variables` (their shapes, what conversion and model directories are checked

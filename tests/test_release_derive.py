@@ -21,7 +21,7 @@ from almtok_jax.component import DIT_CONFIG, SQ_CONFIG, WHISPER_CONFIG, DeriveEr
 from almtok_jax.config import ALMTokenizer2Config, load_model_config
 from almtok_jax.experts.whisper import WHISPER
 from almtok_jax.mapping import MappingError, Rule, convert_state_dict, linear
-from almtok_jax.model import abstract_variables, convert_checkpoint, derive_config
+from almtok_jax.model import COMPONENTS, abstract_variables, convert_checkpoint, derive_config
 from almtok_jax.quantizer.query import QUANTIZER
 from almtok_jax.release import checkpoint_order, newest_checkpoint, read_release, select_checkpoint
 from almtok_jax.torch_io import load_state_dict
@@ -59,6 +59,16 @@ def tiny_states():
 
 def test_tiny_release_derives_exactly_the_tiny_preset():
     assert read_release(RELEASE).config == load_model_config(TINY)
+
+
+def test_derive_writes_where_the_component_reads_its_config():
+    config = ALMTokenizer2Config()
+    for c in (c for c in COMPONENTS if c.derive is not None):
+        node = config
+        for part in c.config_path.split("."):
+            node = getattr(node, part)
+        assert node is c.config(config), c.name
+    assert {c.name for c in COMPONENTS if c.source is not None and c.derive is None} == set()
 
 
 def test_full_size_architecture_from_key_shapes_alone():
