@@ -87,6 +87,35 @@ def test_full_size_architecture_from_key_shapes_alone():
     assert all(isinstance(v, jax.ShapeDtypeStruct) for v in jax.tree.leaves(variables))
 
 
+def _without_layers(state: dict, prefix: str, keep: int) -> dict:
+    """``state`` without the layers ``<prefix>N.`` with ``N >= keep``."""
+    return {k: v for k, v in state.items()
+            if not (k.startswith(prefix) and int(k[len(prefix):].split(".")[0]) >= keep)}
+
+
+def test_full_size_release_with_other_depths_and_codebooks():
+    """Counts no preset has (Whisper 12 layers, WavLM 10, query encoder 3 / decoder 5, 5 codebooks of 4096,
+    DiT 20 blocks and a 2000-frame position table) are read off the keys, and every key still maps."""
+    model_state = _abstract_state("ep5_model_keys.json")
+    for prefix, keep in (("whisper_encoder.layers.", 12), ("wavlm_encoder.encoder.layers.", 10),
+                         ("encoder_transformers.", 3), ("decoder_transformers.", 5), ("vq_embed.layers.", 5),
+                         ("cfm_wrapper.estimator.transformer_blocks.", 20)):
+        model_state = _without_layers(model_state, prefix, keep)
+    for k, v in model_state.items():
+        if k.startswith("vq_embed.layers."):
+            model_state[k] = jax.ShapeDtypeStruct((1, 4096, *v.shape[2:]), v.dtype)
+    model_state["cfm_wrapper.estimator.pos_embed.pe"] = jax.ShapeDtypeStruct((1, 2000, 1536), jnp.float32)
+    files = {**FULL_FILES, WHISPER_CONFIG: {**FULL_FILES[WHISPER_CONFIG], "encoder_layers": 12},
+             DIT_CONFIG: {**FULL_FILES[DIT_CONFIG], "num_layers": 20}}
+    config = derive_config(model_state, _abstract_state("sqcodec_keys.json"), files)
+    q = config.quantizer
+    assert (config.experts.whisper.encoder_layers, config.experts.wavlm.num_hidden_layers) == (12, 10)
+    assert (q.encoder_depth, q.decoder_depth, q.rvq.num_quantizers, q.rvq.codebook_size) == (3, 5, 5, 4096)
+    assert (config.dit.num_layers, config.dit.num_positional_embeddings) == (20, 2000)
+    for c in (c for c in COMPONENTS if c.name in ("whisper", "wavlm", "quantizer", "flow")):
+        c.load(model_state, c.config(config))  # raises on any key or shape that does not fit
+
+
 def test_full_size_without_whisper_and_dit_files():
     """Without model_config.json and whisper-medium/config.json the sizes come from the shapes and the head
     sizes from the release architecture: the same config."""
