@@ -6,7 +6,9 @@ element is the Flax collection (``params/...``, ``batch_stats/...``, ``codebook/
 ``target=None`` drops the key on purpose (unused buffers, training-only heads). ``stack="i"`` stacks the
 arrays of every value of group ``i`` along a new leading axis, in index order, for layers run by
 ``nn.scan``. :func:`convert_state_dict` applies the first matching rule to every key and reports every
-missing, unexpected and wrongly shaped tensor at once.
+missing, unexpected and wrongly shaped tensor at once. A state dict of ``jax.ShapeDtypeStruct`` (names and
+shapes only) goes through the same rules, each transform evaluated on shapes (``jax.eval_shape``): what a
+full-size check without weights uses.
 
 Keys are canonicalised first, so both weight-norm spellings (``weight_g``/``weight_v`` and
 ``parametrizations.weight.original0``/``original1``) match rules written with ``weight_g``/``weight_v``.
@@ -18,6 +20,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
+import jax
 import numpy as np
 from flax import traverse_util
 
@@ -109,6 +112,20 @@ def prefixed(prefix: str, rules: Iterable[Rule], target_prefix: str = "") -> lis
     return out
 
 
+def _apply(transform: Transform, value) -> np.ndarray | jax.ShapeDtypeStruct:
+    """``transform`` of a tensor, or of a shape (``jax.ShapeDtypeStruct``) through ``jax.eval_shape``."""
+    if isinstance(value, jax.ShapeDtypeStruct):
+        return jax.eval_shape(transform, value)
+    return transform(np.asarray(value))
+
+
+def _stack(arrays: list) -> np.ndarray | jax.ShapeDtypeStruct:
+    """Layers stacked on a new leading axis (shapes stay shapes)."""
+    if isinstance(arrays[0], jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct((len(arrays), *arrays[0].shape), arrays[0].dtype)
+    return np.stack(arrays)
+
+
 def _describe(items: list[str], limit: int = 60) -> str:
     shown = "\n    ".join(items[:limit])
     more = f"\n    ... and {len(items) - limit} more" if len(items) > limit else ""
@@ -141,7 +158,9 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], rules: Iterable[Rul
     rules = list(rules)
     flat: dict[str, np.ndarray] = {}
     stacked: dict[str, dict[int, tuple[str, np.ndarray]]] = {}
+    sources: dict[str, str] = {}
     unexpected: list[str] = []
+    problems: list[str] = []
     for key, value in state_dict.items():
         ckey = canonical_key(key)
         rule = next((r for r in rules if r.match(ckey)), None)
@@ -152,14 +171,18 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], rules: Iterable[Rul
             continue
         groups = rule.match(ckey).groupdict()
         path = rule.target.format(**groups)
-        array = rule.transform(np.asarray(value))
+        array = _apply(rule.transform, value)
         if rule.stack is None:
-            flat[path] = array
+            if path in sources:
+                problems.append(f"{path}: both {sources[path]} and {key} map to it")
+            flat[path], sources[path] = array, key
         else:
-            stacked.setdefault(path, {})[int(groups[rule.stack])] = (key, array)
+            index = int(groups[rule.stack])
+            if index in stacked.get(path, {}):
+                problems.append(f"{path} layer {index}: both {stacked[path][index][0]} and {key} map to it")
+            stacked.setdefault(path, {})[index] = (key, array)
     want = ({"/".join(k): v for k, v in traverse_util.flatten_dict(dict(expected)).items()}
             if expected is not None else {})
-    problems: list[str] = []
     reported: set[str] = set()  # stacked paths with a problem already listed (not "missing" on top)
     for path, by_index in stacked.items():
         indices = sorted(by_index)
@@ -173,7 +196,7 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], rules: Iterable[Rul
                             for i, reason in odd)
             reported.add(path)
             continue
-        flat[path] = np.stack([by_index[i][1] for i in indices])
+        flat[path] = _stack([by_index[i][1] for i in indices])
     if expected is not None:
         missing = sorted(set(want) - set(flat) - reported)
         extra = sorted(set(flat) - set(want))

@@ -12,7 +12,9 @@ component's build, shapes, checkpoint keys and loading live at the bottom of its
     sqcodec                   frozen SQ codec (from sqcodec.pth)
 
 :func:`convert_checkpoint` routes every key of the reference's two state dicts to the one component whose
-key prefix owns it; :func:`load_model` reads a model directory and checks its config against its weights.
+key prefix owns it; :func:`derive_config` reads the architecture of a release off its files and the
+checkpoint's key names and shapes, each component deriving its own part; :func:`load_model` reads a
+model directory and checks its config against its weights.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from flax import traverse_util
 
 from almtok_jax.audio import resample, whisper_log_mel
 from almtok_jax.compat import Compat
-from almtok_jax.component import CODEC_STATE, MODEL_STATE, Component
+from almtok_jax.component import CODEC_STATE, MODEL_STATE, Component, DeriveError, ReleaseFiles
 from almtok_jax.config import ALMTokenizer2Config, model_config_from_dict
 from almtok_jax.experts.fusion import FUSION, ExpertFusion
 from almtok_jax.experts.musicfm import MUSICFM, MusicFM
@@ -77,31 +79,76 @@ def init_variables(config: ALMTokenizer2Config, key: Array, names: tuple[str, ..
             for i, c in enumerate(components(config)) if names is None or c.name in names}
 
 
+def absent_components(states: Mapping[str, Mapping], config: ALMTokenizer2Config, source: str) -> dict[str, str]:
+    """Component name -> one line, for each converted component of which ``states`` (state-dict name ->
+    state dict) holds no key (e.g. a checkpoint saved without its frozen experts), with the number of
+    tensors it needs."""
+    problems = {}
+    for c in components(config):
+        if c.source is not None and not any(c.owns(k) for k in states[c.source]):
+            needed = len(jax.tree.leaves(c.abstract_variables(c.config(config))))
+            where = c.key_prefix or ", ".join(f"{n}." for n in c.key_names or ())
+            problems[c.name] = (f"{source}: component {c.name} is missing from {c.source}: none of the {needed} "
+                                f"tensors it needs (keys under {where}) is there")
+    return problems
+
+
+def derive_config(model_state: Mapping, codec_state: Mapping, files: ReleaseFiles, source: str = "release",
+                  base: ALMTokenizer2Config | None = None) -> ALMTokenizer2Config:
+    """The architecture of a release: every component's ``derive`` over the keys it owns and the release
+    ``files`` (see :mod:`almtok_jax.component`); what neither states stays as in ``base`` (default: the
+    release architecture, the config defaults). Only names and shapes of the states are read.
+
+    Raises :class:`DeriveError` for a missing component, keys that describe no buildable architecture, or
+    component widths that do not chain (fusion output = quantizer width = DiT condition width).
+    """
+    config = base if base is not None else ALMTokenizer2Config()
+    states = {MODEL_STATE: model_state, CODEC_STATE: codec_state}
+    absent = absent_components(states, config, source)
+    if absent:
+        raise DeriveError("\n".join(absent.values()))
+    for c in components(config):
+        if c.source is not None:
+            try:
+                config = c.derived(config, states[c.source], files)
+            except DeriveError:
+                raise
+            except ValueError as e:  # a config class refusing the derived numbers
+                raise DeriveError(f"{source}: the keys of component {c.name} give no valid config: {e}") from None
+    widths = {"fusion.codec_dim": config.fusion.codec_dim, "quantizer.dim": config.quantizer.dim,
+              "dit.cond_dim": config.dit.cond_dim}
+    if len(set(widths.values())) > 1:
+        raise DeriveError(f"{source}: the component widths do not chain: {widths}")
+    return config
+
+
 def convert_checkpoint(model_state: Mapping[str, np.ndarray], codec_state: Mapping[str, np.ndarray],
                        config: ALMTokenizer2Config, source: str = "release") -> dict[str, dict]:
-    """Reference state dicts (``ep*.checkpoint['model']``, ``sqcodec.pth['codec_model']``) -> variables.
+    """Reference state dicts (``ep*.checkpoint['model']``, ``sqcodec.pth['codec_model']``) -> variables
+    (state dicts of ``jax.ShapeDtypeStruct`` give the variables' shapes through the same rules).
 
-    Every key goes to the one component whose key prefix owns it; a key no component owns, a variable no
-    key provides and every shape mismatch are collected over all components and raised together as one
-    :class:`MappingError` naming ``source``.
+    Every key goes to the one component whose key prefix owns it; a key no component owns, a component
+    without any key (one line each), a variable no key provides and every shape mismatch are collected over
+    all components and raised together as one :class:`MappingError` naming ``source``.
     """
     states = {MODEL_STATE: model_state, CODEC_STATE: codec_state}
     converted = [c for c in components(config) if c.source is not None]
-    variables, problems = {}, []
+    absent = absent_components(states, config, source)
+    variables, problems = {}, list(absent.values())
     for state_name, state in states.items():
         owners = [c for c in converted if c.source == state_name]
         unowned = [f"{k} {tuple(np.shape(v))}" for k, v in state.items() if not any(c.owns(k) for c in owners)]
         if unowned:
             problems.append(f"{source}: {len(unowned)} keys of {state_name} belong to no component:\n    "
                             + "\n    ".join(unowned))
-    for c in converted:
+    for c in (c for c in converted if c.name not in absent):
         try:
             variables[c.name] = c.load(states[c.source], c.config(config), source=f"{source} [{c.name}]")
         except MappingError as e:
             problems.append(str(e))
     if problems:
         raise MappingError("\n".join(problems))
-    return jax.tree.map(lambda a: jnp.asarray(a), variables)
+    return jax.tree.map(lambda a: a if isinstance(a, jax.ShapeDtypeStruct) else jnp.asarray(a), variables)
 
 
 def split_variables(variables: Mapping) -> dict[str, dict]:

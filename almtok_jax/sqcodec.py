@@ -44,7 +44,7 @@ import numpy as np
 from flax import traverse_util
 
 from almtok_jax.audio import SAMPLE_RATE
-from almtok_jax.component import CODEC_STATE, Component, shapes
+from almtok_jax.component import CODEC_STATE, SQ_CONFIG, Component, KeyShapes, ReleaseFiles, shapes
 from almtok_jax.layers import Conv1d, ConvTranspose1d, PReLU, prelu
 from almtok_jax.mapping import (
     MappingError,
@@ -501,7 +501,16 @@ def check_codec_state(state_dict: Mapping[str, np.ndarray], config: SQCodecConfi
                       f"block's, as upstream load_state_dict does", stacklevel=2)
 
 
+def derive_sqcodec(key_shapes: KeyShapes, base: SQCodecConfig, files: ReleaseFiles) -> SQCodecConfig:
+    """``generator.config`` of ``sq_config.yaml``, which states all 13 fields (the shapes are checked against it
+    by :func:`check_sqcodec_checkpoint` at conversion)."""
+    from almtok_jax.release import sq_config_from_section  # the release reader imports this module
+
+    del key_shapes, base
+    return sq_config_from_section(files[SQ_CONFIG], f"{SQ_CONFIG}: generator.config")
+
+
 SQCODEC = Component(
     "sqcodec", frozen=True, config=lambda c: c.sqcodec, module=SQCodec,
     example_inputs=lambda s: shapes((1, 2 * s.hop_length, s.num_bands)), rules=sqcodec_rules,
-    source=CODEC_STATE, check_state=check_codec_state)
+    source=CODEC_STATE, check_state=check_codec_state, derive=derive_sqcodec, config_path="sqcodec")

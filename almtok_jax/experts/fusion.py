@@ -16,6 +16,7 @@ the reference's result whenever the reference does not crash (e.g. the ``24000k 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import flax.linen as nn
@@ -25,7 +26,7 @@ import jax.numpy as jnp
 from almtok_jax import mapping
 from almtok_jax.audio import resampled_length
 from almtok_jax.compat import Compat, check_compat
-from almtok_jax.component import Component, shapes
+from almtok_jax.component import Component, KeyShapes, ReleaseFiles, shape_of, shapes
 from almtok_jax.experts.whisper import whisper_n_len
 from almtok_jax.layers import Conv1d, Linear
 from almtok_jax.mapping import Rule
@@ -119,10 +120,24 @@ def fusion_rules(config: FusionConfig) -> list[Rule]:
     return rules
 
 
+def derive_fusion(key_shapes: KeyShapes, base: FusionConfig, files: ReleaseFiles) -> FusionConfig:
+    """The stream widths are the input widths of the glue layers, ``codec_dim`` the output of ``feature_proj``."""
+    del files
+
+    def shape(key: str) -> tuple[int, ...]:
+        return shape_of(key_shapes, key, "fusion")
+
+    return dataclasses.replace(base, whisper_dim=shape("d_conv_whisper.weight")[1],
+                               wavlm_dim=shape("d_conv_wavlm.weight")[1],
+                               bestrq_dim=shape("cond_fusion_layer_semantic.weight")[1],
+                               codec_dim=shape("feature_proj.weight")[0])
+
+
 FUSION = Component(
     "fusion", frozen=False, config=lambda c: c.fusion, module=ExpertFusion,
     example_inputs=lambda f: shapes((1, 2, f.whisper_dim), (1, 2, f.wavlm_dim), (1, 1, f.bestrq_dim),
                                     (1, 1, f.bestrq_dim)),
     rules=fusion_rules,
     key_names=("d_conv_whisper", "d_conv_wavlm", "cond_fusion_layer_phone", "cond_fusion_layer_semantic",
-               "cond_fusion_layer_acoustic", "feature_proj"))
+               "cond_fusion_layer_acoustic", "feature_proj"),
+    derive=derive_fusion, config_path="fusion")

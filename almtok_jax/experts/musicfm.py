@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from almtok_jax.audio import SAMPLE_RATE
-from almtok_jax.component import Component, shapes
+from almtok_jax.component import Component, DeriveError, KeyShapes, ReleaseFiles, layer_indices, shape_of, shapes
 from almtok_jax.layers import Conv1d, LayerNorm, Linear, dot_product_attention
 from almtok_jax.mapping import Rule, conv1d, conv2d, identity, linear, pointwise_conv
 
@@ -425,7 +425,32 @@ def with_output_layers(config: MusicFMConfig, layers: tuple[int, ...]) -> MusicF
 
 
 # Fresh variables: random params, Hann window, HTK filter bank, running statistics 0/1.
+def derive_musicfm(key_shapes: KeyShapes, base: MusicFMConfig, files: ReleaseFiles) -> MusicFMConfig:
+    """Sizes from the MusicFM25Hz shapes (no release file states them): widths, depth, heads (from the
+    rotary ``inv_freq`` length = head_dim / 2), depthwise kernel, ``n_fft`` / ``n_mels`` (mel window and
+    filter bank); rates, strides, mel statistics, epsilons and output layers from ``base``."""
+    del files
+
+    def shape(key: str) -> tuple[int, ...]:
+        return shape_of(key_shapes, key, "musicfm")
+
+    modules = layer_indices(key_shapes, "conv.conv.")
+    if len(modules) != len(base.conv_strides):
+        raise DeriveError(f"musicfm: {len(modules)} conv subsampling modules in the checkpoint, but their strides "
+                          f"are known only for {len(base.conv_strides)} (conv_strides {base.conv_strides})")
+    encoder_dim = shape("conv.linear.weight")[0]
+    layer = "conformer.layers.0."
+    return dataclasses.replace(
+        base, conv_dim=shape("conv.conv.0.conv1.weight")[0], encoder_dim=encoder_dim,
+        encoder_depth=len(layer_indices(key_shapes, "conformer.layers.")),
+        num_heads=encoder_dim // (2 * shape("conformer.embed_positions.inv_freq")[0]),
+        ffn_dim=shape(layer + "ffn1.intermediate_dense.weight")[0],
+        depthwise_kernel_size=shape(layer + "conv_module.depthwise_conv.weight")[2],
+        n_fft=shape("preprocessor_melspec_2048.mel_stft.spectrogram.window")[0],
+        n_mels=shape("preprocessor_melspec_2048.mel_stft.mel_scale.fb")[1])
+
+
 MUSICFM = Component(
     "musicfm", frozen=True, config=lambda c: c.experts.musicfm, module=MusicFM,
     example_inputs=lambda m: shapes((1, min_input_length(m))), rules=musicfm_rules,
-    key_prefix="pretrained_model.model.model.")
+    key_prefix="pretrained_model.model.model.", derive=derive_musicfm, config_path="experts.musicfm")

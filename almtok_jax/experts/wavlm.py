@@ -11,6 +11,7 @@ Rates: 16 kHz samples in, 50 Hz frames out (hop 320). Everything is channels-las
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from functools import partial
@@ -21,7 +22,7 @@ import jax.numpy as jnp
 
 from almtok_jax import layers
 from almtok_jax.audio import SAMPLE_RATE, Resampler, resampled_length, resampler_rules
-from almtok_jax.component import Component, shapes
+from almtok_jax.component import Component, DeriveError, KeyShapes, ReleaseFiles, layer_indices, shape_of, shapes
 from almtok_jax.mapping import Rule, conv1d, flatten, identity, linear, prefixed
 
 Array = jax.Array
@@ -322,7 +323,35 @@ def wavlm_features(variables: dict, wav24k: Array, config: WavLMConfig) -> Array
     return WavLMExpert(config).apply(variables, wav24k)
 
 
+def derive_wavlm(key_shapes: KeyShapes, base: WavLMConfig, files: ReleaseFiles) -> WavLMConfig:
+    """Sizes from the ``wavlm_encoder.*`` shapes (no release file states them); strides, epsilons, the
+    bucket distance, the feature layers and the rates from ``base``."""
+    del files
+
+    def shape(key: str) -> tuple[int, ...]:
+        return shape_of(key_shapes, "wavlm_encoder." + key, "wavlm")
+
+    convs = [shape(f"feature_extractor.conv_layers.{i}.conv.weight")
+             for i in layer_indices(key_shapes, "wavlm_encoder.feature_extractor.conv_layers.")]
+    if len(convs) != len(base.conv_stride):
+        raise DeriveError(f"wavlm: {len(convs)} feature-encoder convs in the checkpoint, but their strides are known "
+                          f"only for {len(base.conv_stride)} (conv_stride {base.conv_stride})")
+    hidden = shape("feature_projection.projection.weight")[0]
+    attention = "encoder.layers.0.attention."
+    return dataclasses.replace(
+        base, hidden_size=hidden,
+        num_hidden_layers=len(layer_indices(key_shapes, "wavlm_encoder.encoder.layers.")),
+        num_attention_heads=shape(attention + "gru_rel_pos_const")[1],
+        intermediate_size=shape("encoder.layers.0.feed_forward.intermediate_dense.weight")[0],
+        conv_dim=tuple(s[0] for s in convs), conv_kernel=tuple(s[2] for s in convs),
+        conv_bias="wavlm_encoder.feature_extractor.conv_layers.0.conv.bias" in key_shapes,
+        num_conv_pos_embeddings=shape("encoder.pos_conv_embed.conv.weight_v")[2],
+        num_conv_pos_embedding_groups=hidden // shape("encoder.pos_conv_embed.conv.weight_v")[1],
+        num_buckets=shape(attention + "rel_attn_embed.weight")[0],
+        gru_rel_pos_features=shape(attention + "gru_rel_pos_linear.weight")[0])
+
+
 WAVLM = Component(
     "wavlm", frozen=True, config=lambda c: c.experts.wavlm, module=WavLMExpert,
     example_inputs=lambda w: shapes((1, min_input_samples(w))), rules=wavlm_expert_rules,
-    key_names=("wavlm_encoder", "wavlm_transfer"))
+    key_names=("wavlm_encoder", "wavlm_transfer"), derive=derive_wavlm, config_path="experts.wavlm")

@@ -7,6 +7,7 @@ keeps the first ``n_len = int(N / 24000 * 50)`` frames (:func:`whisper_n_len`, :
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import flax.linen as nn
@@ -15,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from almtok_jax import mapping
-from almtok_jax.component import Component, shapes
+from almtok_jax.component import WHISPER_CONFIG, Component, KeyShapes, ReleaseFiles, layer_indices, shape_of, shapes
 from almtok_jax.layers import Conv1d, LayerNorm, Linear, dot_product_attention, gelu_exact
 from almtok_jax.mapping import Rule
 
@@ -157,7 +158,19 @@ def whisper_rules(config: WhisperConfig) -> list[Rule]:
     return rules
 
 
+def derive_whisper(key_shapes: KeyShapes, base: WhisperConfig, files: ReleaseFiles) -> WhisperConfig:
+    """From ``whisper-medium/config.json``; without it, sizes from the keys and the head size of ``base``."""
+    if WHISPER_CONFIG in files:
+        return WhisperConfig.from_hf_config(files[WHISPER_CONFIG], base.layer_norm_eps)
+    d_model, num_mel_bins, _ = shape_of(key_shapes, "conv1.weight", "whisper")
+    return dataclasses.replace(
+        base, d_model=d_model, num_mel_bins=num_mel_bins, encoder_layers=len(layer_indices(key_shapes, "layers.")),
+        encoder_attention_heads=d_model // base.head_dim,
+        encoder_ffn_dim=shape_of(key_shapes, "layers.0.fc1.weight", "whisper")[0],
+        max_source_positions=shape_of(key_shapes, "embed_positions.weight", "whisper")[0])
+
+
 WHISPER = Component(
     "whisper", frozen=True, config=lambda c: c.experts.whisper, module=WhisperEncoder,
     example_inputs=lambda w: shapes((1, w.num_mel_frames, w.num_mel_bins)), rules=whisper_rules,
-    key_prefix="whisper_encoder.")
+    key_prefix="whisper_encoder.", derive=derive_whisper, config_path="experts.whisper")

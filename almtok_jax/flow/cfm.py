@@ -12,6 +12,7 @@ loss and sampler work with any parameters (e.g. ``lambda h, t: model.apply(varia
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -21,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from almtok_jax.component import Component
+from almtok_jax.component import DIT_CONFIG, Component, DeriveError, KeyShapes, ReleaseFiles, layer_indices, shape_of
 from almtok_jax.flow.dit import ESTIMATOR_PREFIX, DiTConfig, DiTEstimator, dit_rules, example_inputs
 from almtok_jax.mapping import Rule, prefixed
 
@@ -299,6 +300,35 @@ class ConditionalFlow(nn.Module):
         return DiTEstimator(self.config, name="estimator")(h, t)
 
 
+def derive_dit(key_shapes: KeyShapes, base: DiTConfig, files: ReleaseFiles) -> DiTConfig:
+    """What ``model_config.json`` states (layers, heads, head size, channels, norm eps), the rest from the
+    estimator's shapes: channels and layers when the file is absent, the position table length
+    (``pos_embed.pe``), timestep channels, projection kernel and feed-forward multiple; without the file the
+    head size of ``base``. The timestep scale and period from ``base``."""
+    stated = files.get(DIT_CONFIG, {})
+    for name, supported in (("activation_fn", "gelu-approximate"), ("norm_type", "ada_norm_single")):
+        if stated.get(name, supported) != supported:
+            raise DeriveError(f"{DIT_CONFIG}: {name} {stated[name]!r} is not supported (only {supported!r})")
+
+    def shape(key: str) -> tuple[int, ...]:
+        return shape_of(key_shapes, ESTIMATOR_PREFIX + key, "flow")
+
+    inner, in_channels, proj_kernel = shape("proj_in.ffn_1.weight")
+    out_channels = stated.get("out_channels", shape("proj_out.ffn_2.weight")[0])
+    in_channels = stated.get("in_channels", in_channels)
+    head_dim = stated.get("attention_head_dim", base.attention_head_dim)
+    num_layers = len(layer_indices(key_shapes, ESTIMATOR_PREFIX + "transformer_blocks."))
+    return dataclasses.replace(
+        base, num_layers=stated.get("num_layers", num_layers),
+        num_attention_heads=stated.get("num_attention_heads", inner // head_dim), attention_head_dim=head_dim,
+        in_channels=in_channels, out_channels=out_channels, cond_dim=in_channels - 2 * out_channels,
+        ff_mult=shape("transformer_blocks.0.ff.net.0.proj.weight")[0] // inner,
+        norm_eps=stated.get("norm_eps", base.norm_eps),
+        num_positional_embeddings=stated.get("num_positional_embeddings", shape("pos_embed.pe")[1]),
+        timestep_channels=shape("adaln_single.emb.timestep_embedder.linear_1.weight")[1],
+        proj_kernel_size=proj_kernel)
+
+
 FLOW = Component(
     "flow", frozen=False, config=lambda c: c.dit, module=ConditionalFlow, example_inputs=example_inputs,
-    rules=cfm_rules, key_names=("cfm_wrapper", "zero_cond_embedding1"))
+    rules=cfm_rules, key_names=("cfm_wrapper", "zero_cond_embedding1"), derive=derive_dit, config_path="dit")

@@ -20,6 +20,7 @@ forward, never by the optimizer). Load released weights with :data:`QUANTIZER` (
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -30,7 +31,7 @@ import numpy as np
 
 from almtok_jax import mapping
 from almtok_jax.compat import Compat, check_compat
-from almtok_jax.component import Component, shapes
+from almtok_jax.component import Component, DeriveError, KeyShapes, ReleaseFiles, layer_indices, shape_of, shapes
 from almtok_jax.layers import Linear
 from almtok_jax.mapping import Rule, prefixed
 from almtok_jax.quantizer.gpt import GPTLossConfig
@@ -256,9 +257,51 @@ def check_quantizer_state(state_dict: dict[str, np.ndarray], config: QuantizerCo
     check_rope_buffers(state_dict, config.block)
 
 
+def derive_quantizer(key_shapes: KeyShapes, base: QuantizerConfig, files: ReleaseFiles) -> QuantizerConfig:
+    """Sizes from the quantizer's shapes (no release file states them): width (``cond_feature_emb``), depths,
+    head size (``q_norm``), rotary dim (``rope.inv_freq``), feed-forward multiple (GLU ``proj`` = 2 x inner),
+    RVQ codebooks x size x dim, pronunciation-decoder channels and strides (transposed-conv kernel = 2 x
+    stride). Epsilons, the RoPE base, the interval, RVQ training constants and the GPT loss from ``base``."""
+    del files
+
+    def shape(key: str) -> tuple[int, ...]:
+        return shape_of(key_shapes, key, "quantizer")
+
+    dim = shape("cond_feature_emb.weight")[0]
+    block = "encoder_transformers.0."
+    dim_heads = shape(block + "self_attn.q_norm.weight")[0]
+    rotary_dim = 2 * shape(block + "rope.inv_freq")[0]
+    ff_inner = shape(block + "ff.ff.0.proj.weight_v")[0] // 2
+    if ff_inner % dim:
+        raise DeriveError(f"quantizer: feed-forward inner width {ff_inner} is not a multiple of the width {dim}")
+    _, codebook_size, codebook_dim = shape("vq_embed.layers.0._codebook.embed")
+    pron = base.pronunciation
+    blocks = layer_indices(key_shapes, "pronunciation_decoder.conv_blocks.")
+    units = layer_indices(key_shapes, "pronunciation_decoder.conv_blocks.0.res_units.")
+    if len(units) != len(pron.block_dilations):
+        raise DeriveError(f"quantizer: {len(units)} residual units per pronunciation-decoder block in the "
+                          f"checkpoint, but dilations are known only for {len(pron.block_dilations)}")
+    return dataclasses.replace(
+        base,
+        block=dataclasses.replace(base.block, dim=dim, dim_heads=dim_heads, ff_mult=ff_inner // dim,
+                                  rope_dim=None if rotary_dim == max(dim_heads // 2, 32) else rotary_dim),
+        encoder_depth=len(layer_indices(key_shapes, "encoder_transformers.")),
+        decoder_depth=len(layer_indices(key_shapes, "decoder_transformers.")),
+        rvq=dataclasses.replace(base.rvq, dim=dim, codebook_size=codebook_size, codebook_dim=codebook_dim,
+                                num_quantizers=len(layer_indices(key_shapes, "vq_embed.layers."))),
+        pronunciation=dataclasses.replace(
+            pron, output_channels=shape("pronunciation_decoder.conv2.conv.weight")[0],
+            decode_channels=shape("pronunciation_decoder.conv1.conv.weight")[0],
+            kernel_size=shape("pronunciation_decoder.conv1.conv.weight")[2],
+            unit_kernel_size=shape("pronunciation_decoder.conv_blocks.0.res_units.0.conv1.conv.weight")[2],
+            strides=tuple(shape(f"pronunciation_decoder.conv_blocks.{i}.conv.deconv.weight")[2] // 2
+                          for i in blocks)))
+
+
 # Fresh params (PyTorch-like init) and codebook; ``.load(..., names=DECODER_PARTS)`` loads only what
 # :func:`dequantize` needs. The interleaving needs a whole number of query intervals in the dummy input.
 QUANTIZER = Component(
     "quantizer", frozen=False, config=lambda c: c.quantizer, module=QueryQuantizer,
     example_inputs=lambda q: shapes((1, 2 * q.interval, q.dim)), rules=quantizer_rules,
-    key_names=QUANTIZER_PARTS, check_state=check_quantizer_state)
+    key_names=QUANTIZER_PARTS, check_state=check_quantizer_state, derive=derive_quantizer,
+    config_path="quantizer")
