@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from almtok_jax.audio import hann_window, mel_filters
 from almtok_jax.layers import Conv1d, LayerNorm, Linear, dot_product_attention
 from almtok_jax.mapping import Rule, conv1d, conv2d, identity, linear, pointwise_conv
 
@@ -140,29 +141,6 @@ def check_input(wav: Array, config: MusicFMConfig) -> None:
                          f"({shortest / config.sample_rate * 1000:.0f} ms at {config.sample_rate} Hz)")
 
 
-def _hann_window(n_fft: int) -> np.ndarray:
-    """Periodic Hann window (torch.hann_window default)."""
-    return (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n_fft) / n_fft)).astype(np.float32)
-
-
-def _htk_filter_bank(config: MusicFMConfig) -> np.ndarray:
-    """HTK mel filter bank without area normalisation, ``(n_fft//2 + 1, n_mels)`` (torchaudio's recipe).
-
-    Only the initial value of a fresh model; converted checkpoints bring the reference's float32 buffer.
-    """
-    def hz_to_mel(f):
-        return 2595.0 * np.log10(1.0 + f / 700.0)
-
-    freqs = np.linspace(0.0, config.sample_rate // 2, config.n_fft // 2 + 1)
-    mels = np.linspace(hz_to_mel(config.f_min), hz_to_mel(config.f_max), config.n_mels + 2)
-    corners = 700.0 * (10.0 ** (mels / 2595.0) - 1.0)
-    widths = np.diff(corners)
-    slopes = corners[None, :] - freqs[:, None]
-    rising = -slopes[:, :-2] / widths[:-1]
-    falling = slopes[:, 2:] / widths[1:]
-    return np.maximum(0.0, np.minimum(rising, falling)).astype(np.float32)
-
-
 class MelFrontEnd(nn.Module):
     """Trimmed audio ``(B, Ntr)`` -> mel in dB ``(B, Ntr/hop, n_mels)`` at 100 Hz, float32.
 
@@ -175,8 +153,9 @@ class MelFrontEnd(nn.Module):
     @nn.compact
     def __call__(self, wav: Array) -> Array:
         c = self.config
-        window = self.variable("buffers", "window", lambda: jnp.asarray(_hann_window(c.n_fft))).value
-        fb = self.variable("buffers", "fb", lambda: jnp.asarray(_htk_filter_bank(c))).value
+        window = self.variable("buffers", "window", lambda: jnp.asarray(hann_window(c.n_fft))).value
+        fb = self.variable("buffers", "fb", lambda: jnp.asarray(mel_filters(
+            c.sample_rate, c.n_fft, c.n_mels, c.f_min, c.f_max, scale="htk", norm=None))).value
         half = c.n_fft // 2
         padded = jnp.pad(wav.astype(jnp.float32), ((0, 0), (half, half)), mode="reflect")
         n_frames = wav.shape[1] // c.hop_length
