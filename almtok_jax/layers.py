@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 Padding = int | str | tuple[int, int]
@@ -219,6 +220,33 @@ def dot_product_attention(q: Array, k: Array, v: Array, bias: Array | None = Non
         logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+
+
+def rotary_inv_freq(dim: int, base: float) -> np.ndarray:
+    """Rotary frequencies ``1 / base^(2k/dim)``, ``k < dim/2``, evaluated in float32 like torch: ``(dim/2,)``."""
+    exponent = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
+    return (np.float32(1.0) / np.power(np.float32(base), exponent)).astype(np.float32)
+
+
+def rotary_tables(inv_freq: Array, length: int) -> tuple[Array, Array]:
+    """float32 ``cos``/``sin`` of ``t * inv_freq`` for positions ``t = 0..length-1``, each frequency used
+    twice (rotate-half pairing): ``(length, 2*len(inv_freq))`` each."""
+    angles = jnp.arange(length, dtype=jnp.float32)[:, None] * jnp.asarray(inv_freq, jnp.float32)[None, :]
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rotary(x: Array, cos: Array, sin: Array) -> Array:
+    """Rotate-half RoPE of ``x (B, L, H, D)`` with tables ``(L, R)`` from :func:`rotary_tables`.
+
+    The first ``R <= D`` features of each head become ``x*cos + concat(-x[R/2:R], x[:R/2])*sin`` (in
+    float32, cast back to ``x.dtype``); the other ``D - R`` pass through.
+    """
+    rot, half = cos.shape[-1], cos.shape[-1] // 2
+    xr, rest = x[..., :rot].astype(jnp.float32), x[..., rot:]
+    rotated_half = jnp.concatenate([-xr[..., half:], xr[..., :half]], axis=-1)
+    xr = (xr * cos[None, :, None, :] + rotated_half * sin[None, :, None, :]).astype(x.dtype)
+    return jnp.concatenate([xr, rest], axis=-1) if rest.shape[-1] else xr
 
 
 def gelu_exact(x: Array) -> Array:

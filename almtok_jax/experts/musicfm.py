@@ -23,7 +23,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from almtok_jax.audio import hann_window, mel_filters
-from almtok_jax.layers import Conv1d, LayerNorm, Linear, dot_product_attention
+from almtok_jax.layers import (
+    Conv1d,
+    LayerNorm,
+    Linear,
+    apply_rotary,
+    dot_product_attention,
+    rotary_inv_freq,
+    rotary_tables,
+)
 from almtok_jax.mapping import Rule, conv1d, conv2d, identity, linear, pointwise_conv
 
 Array = jax.Array
@@ -209,20 +217,6 @@ class Conv2dSubsampling(nn.Module):
         return Linear(c.encoder_dim, name="linear")(flat), x
 
 
-def rotary_tables(inv_freq: Array, length: int) -> tuple[Array, Array]:
-    """float32 ``cos``/``sin`` of ``t*inv_freq`` (duplicated to the head dim): ``(length, head_dim)`` each."""
-    angles = jnp.arange(length, dtype=jnp.float32)[:, None] * inv_freq.astype(jnp.float32)[None, :]
-    angles = jnp.concatenate([angles, angles], axis=-1)
-    return jnp.cos(angles), jnp.sin(angles)
-
-
-def apply_rotary(h: Array, cos: Array, sin: Array) -> Array:
-    """Rotate ``h (B, T, H, hd)`` per head: ``h*cos + concat(-h[hd/2:], h[:hd/2])*sin``."""
-    half = h.shape[-1] // 2
-    rotated = jnp.concatenate([-h[..., half:], h[..., :half]], axis=-1)
-    return h * cos[None, :, None, :] + rotated * sin[None, :, None, :]
-
-
 class FeedForward(nn.Module):
     """Linear -> SiLU -> Linear."""
 
@@ -303,8 +297,8 @@ class Conformer(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         c = self.config
-        inv_freq = self.variable("buffers", "inv_freq", lambda: jnp.asarray(
-            1.0 / c.rotary_base ** (np.arange(0, c.head_dim, 2) / c.head_dim), jnp.float32)).value
+        inv_freq = self.variable("buffers", "inv_freq",
+                                 lambda: jnp.asarray(rotary_inv_freq(c.head_dim, c.rotary_base))).value
         cos, sin = rotary_tables(inv_freq, x.shape[1])
         results = [x[None]]
         if c.num_blocks:

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from almtok_jax import mapping
-from almtok_jax.layers import Linear, dot_product_attention, layer_norm
+from almtok_jax.layers import Linear, apply_rotary, dot_product_attention, layer_norm, rotary_inv_freq, rotary_tables
 from almtok_jax.mapping import Rule
 
 Array = jax.Array
@@ -64,9 +64,7 @@ class BlockConfig:
 
 def rope_inv_freq(config: BlockConfig) -> np.ndarray:
     """The ``rope.inv_freq`` buffer ``(rotary_dim/2,)``: ``1 / base^(2k/rotary_dim)`` in float32."""
-    d = config.rotary_dim
-    exponent = np.arange(0, d, 2, dtype=np.float32) / np.float32(d)
-    return (np.float32(1.0) / np.power(np.float32(config.rope_base), exponent)).astype(np.float32)
+    return rotary_inv_freq(config.rotary_dim, config.rope_base)
 
 
 def check_rope_buffers(state_dict: dict, config: BlockConfig) -> None:
@@ -84,22 +82,6 @@ def check_rope_buffers(state_dict: dict, config: BlockConfig) -> None:
                                  f"(rotary_dim {config.rotary_dim}, base {config.rope_base})")
 
 
-def apply_rope(x: Array, inv_freq: np.ndarray) -> Array:
-    """Rotate-half RoPE on the first ``2*len(inv_freq)`` features of ``x (B, L, H, Dh)``, positions 0..L-1.
-
-    Angles and rotation in float32; the remaining features pass through.
-    """
-    rot = 2 * inv_freq.shape[0]
-    pos = jnp.arange(x.shape[1], dtype=jnp.float32)
-    angles = pos[:, None] * jnp.asarray(inv_freq)[None, :]
-    angles = jnp.concatenate([angles, angles], axis=-1)[None, :, None, :]  # (1, L, 1, rot)
-    xr, rest = x[..., :rot].astype(jnp.float32), x[..., rot:]
-    half = rot // 2
-    rotated_half = jnp.concatenate([-xr[..., half:], xr[..., :half]], axis=-1)
-    xr = xr * jnp.cos(angles) + rotated_half * jnp.sin(angles)
-    return jnp.concatenate([xr.astype(x.dtype), rest], axis=-1)
-
-
 class SelfAttention(nn.Module):
     """Fused weight-normed qkv (no bias) → qk LayerNorm → RoPE → softmax attention → weight-normed out."""
 
@@ -115,8 +97,8 @@ class SelfAttention(nn.Module):
                        self.param("q_norm_bias", nn.initializers.zeros, (c.dim_heads,)))
         k = layer_norm(k, c.qk_norm_eps, self.param("k_norm_scale", nn.initializers.ones, (c.dim_heads,)),
                        self.param("k_norm_bias", nn.initializers.zeros, (c.dim_heads,)))
-        inv_freq = rope_inv_freq(c)
-        q, k = apply_rope(q, inv_freq), apply_rope(k, inv_freq)
+        cos, sin = rotary_tables(rope_inv_freq(c), length)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         o = dot_product_attention(q, k, v).reshape(b, length, c.dim)
         return Linear(c.dim, use_bias=False, use_weight_norm=True, name="to_out")(o)
 
