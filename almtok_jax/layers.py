@@ -22,17 +22,20 @@ Padding = int | str | tuple[int, int]
 default_kernel_init = nn.initializers.lecun_normal()
 
 
+def norm_except(v: Array, keep_axis: int) -> Array:
+    """L2 norm of ``v`` over every axis except ``keep_axis``, kept as size-1 axes (broadcasts against ``v``)."""
+    keep_axis = keep_axis % v.ndim
+    axes = tuple(a for a in range(v.ndim) if a != keep_axis)
+    return jnp.sqrt(jnp.sum(jnp.square(v), axis=axes, keepdims=True))
+
+
 def weight_norm(v: Array, g: Array, keep_axis: int) -> Array:
     """``g * v / ||v||`` with the norm taken over every axis of ``v`` except ``keep_axis``.
 
     ``g`` has shape ``(v.shape[keep_axis],)``. No epsilon, as in PyTorch.
     """
-    keep_axis = keep_axis % v.ndim
-    axes = tuple(a for a in range(v.ndim) if a != keep_axis)
-    norm = jnp.sqrt(jnp.sum(jnp.square(v), axis=axes, keepdims=True))
-    shape = [1] * v.ndim
-    shape[keep_axis] = v.shape[keep_axis]
-    return v * (g.reshape(shape) / norm)
+    norm = norm_except(v, keep_axis)
+    return v * (g.reshape(norm.shape) / norm)
 
 
 def conv_padding(kernel_size: int, dilation: int, padding: Padding) -> tuple[int, int]:
@@ -55,18 +58,13 @@ def conv_padding(kernel_size: int, dilation: int, padding: Padding) -> tuple[int
     return tuple(padding)
 
 
-def _norm_except(v: Array, keep_axis: int) -> Array:
-    """L2 norm of ``v`` over every axis except ``keep_axis``: shape ``(v.shape[keep_axis],)``."""
-    return jnp.sqrt(jnp.sum(jnp.square(jnp.moveaxis(v, keep_axis, 0)).reshape(v.shape[keep_axis], -1), -1))
-
-
 def _kernel_param(module: nn.Module, shape: tuple[int, ...], keep_axis: int, use_weight_norm: bool,
                   init: Callable) -> Array:
     """The effective kernel: a plain ``kernel`` parameter, or ``weight_g``/``weight_v`` recombined."""
     if not use_weight_norm:
         return module.param("kernel", init, shape)
     v = module.param("weight_v", init, shape)
-    g = module.param("weight_g", lambda _: _norm_except(v, keep_axis))
+    g = module.param("weight_g", lambda _: norm_except(v, keep_axis).reshape(-1))
     return weight_norm(v, g, keep_axis)
 
 
@@ -166,12 +164,11 @@ class PReLU(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        alpha = self.param("weight", nn.initializers.constant(0.25), (self.num_parameters,))
-        return jnp.where(x >= 0, x, alpha.astype(x.dtype) * x)
+        return prelu(x, self.param("weight", nn.initializers.constant(0.25), (self.num_parameters,)))
 
 
 def prelu(x: Array, alpha: Array) -> Array:
-    """PReLU with an explicit slope (for a slope shared across modules)."""
+    """PReLU with an explicit slope ``alpha`` (the :class:`PReLU` module's, or one shared across modules)."""
     return jnp.where(x >= 0, x, alpha.astype(x.dtype) * x)
 
 
