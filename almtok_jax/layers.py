@@ -5,6 +5,12 @@ is ``(in, out)``, conv kernels are ``(k, in/groups, out)``); the conversion from
 :mod:`almtok_jax.mapping`. Weight-normed layers keep ``weight_g``/``weight_v`` as parameters and recompute
 the weight in the forward pass (no epsilon, like ``torch.nn.utils.weight_norm``), so trained weights stay
 in the reference's parameterisation.
+
+Stacks of identical blocks (Whisper, WavLM, MusicFM, the query transformer, the GPT-loss predictor, the DiT)
+share one convention: ``nn.scan`` runs the block class itself (parameters stacked on axis 0); its
+``__call__(x, *shared)`` is the scan body and returns ``(x, per_layer)``, ``per_layer`` being the block's
+output when the stack reports it and ``None`` otherwise; ``shared`` inputs are broadcast
+(``in_axes=nn.broadcast``); there is no dummy ``xs`` argument and no wrapper class.
 """
 
 from __future__ import annotations

@@ -266,7 +266,11 @@ class ConvModule(nn.Module):
 
 
 class ConformerBlock(nn.Module):
-    """Macaron conformer block ``(B, T, D) -> (B, T, D)``; returns ``(y, y)`` so it can be scanned."""
+    """Macaron conformer block ``(B, T, D) -> (B, T, D)``.
+
+    Scan body: ``(x, cos, sin) -> (x, x)``; the rotary tables are shared (broadcast), the output is kept
+    per layer (a layer result).
+    """
 
     config: MusicFMConfig
 

@@ -151,8 +151,8 @@ class FeatureEncoder(nn.Module):
 class WavLMLayer(nn.Module):
     """Post-LN transformer layer with the gated relative position bias.
 
-    ``x (B, T, D)``, ``position_bias (H, T, T)`` (ungated, shared by all layers) -> ``(B, T, D)``, returned
-    twice (scan carry and the layer's ``hidden_states`` entry).
+    Scan body: ``(x (B, T, D), position_bias (H, T, T)) -> (x, x)``; the bias (ungated) is shared by all
+    layers (broadcast), the output is kept per layer as its ``hidden_states`` entry.
     """
 
     config: WavLMConfig

@@ -81,13 +81,16 @@ class WhisperAttention(nn.Module):
 
 
 class WhisperEncoderLayer(nn.Module):
-    """Pre-LN block ``x += attn(LN(x)); x += fc2(GELU(fc1(LN(x))))``; scan body (returns its output as y)."""
+    """Pre-LN block ``x += attn(LN(x)); x += fc2(GELU(fc1(LN(x))))``.
+
+    Scan body: ``x -> (x, x if collect else None)`` (the per-layer output only when it is collected).
+    """
 
     config: WhisperConfig
     collect: bool = False
 
     @nn.compact
-    def __call__(self, x: Array, _: None = None) -> tuple[Array, Array | None]:
+    def __call__(self, x: Array) -> tuple[Array, Array | None]:
         c = self.config
         h = LayerNorm(c.layer_norm_eps, name="self_attn_layer_norm")(x)
         x = x + WhisperAttention(c, name="self_attn")(h)
@@ -119,7 +122,7 @@ class WhisperEncoder(nn.Module):
         x = x + positions
         layers = nn.scan(WhisperEncoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
                          length=c.encoder_layers)
-        h, per_layer = layers(c, collect=output_hidden_states, name="layers")(x, None)
+        h, per_layer = layers(c, collect=output_hidden_states, name="layers")(x)
         last = LayerNorm(c.layer_norm_eps, name="layer_norm")(h)
         if not output_hidden_states:
             return last

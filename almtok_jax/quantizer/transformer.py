@@ -117,23 +117,19 @@ class GatedFeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """``x + s_a * Attn(x)`` then ``x + s_f * FF(x)``; no norms on the residual stream. ``(B, L, dim)``."""
+    """``x + s_a * Attn(x)`` then ``x + s_f * FF(x)``; no norms on the residual stream. ``(B, L, dim)``.
+
+    Scan body: ``x -> (x, None)`` (no per-layer output is kept).
+    """
 
     config: BlockConfig
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array) -> tuple[Array, None]:
         c = self.config
         scale_init = nn.initializers.constant(c.layer_scale_init)
         x = x + self.param("self_attn_scale", scale_init, (c.dim,)) * SelfAttention(c, name="self_attn")(x)
-        return x + self.param("ff_scale", scale_init, (c.dim,)) * GatedFeedForward(c, name="ff")(x)
-
-
-class _ScanBlock(TransformerBlock):
-    """A block with the ``(carry, x) -> (carry, y)`` signature ``nn.scan`` expects."""
-
-    def __call__(self, x: Array, _: None = None) -> tuple[Array, None]:  # type: ignore[override]
-        return super().__call__(x), None
+        return x + self.param("ff_scale", scale_init, (c.dim,)) * GatedFeedForward(c, name="ff")(x), None
 
 
 class TransformerStack(nn.Module):
@@ -144,9 +140,9 @@ class TransformerStack(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        blocks = nn.scan(_ScanBlock, variable_axes={"params": 0}, split_rngs={"params": True},
+        blocks = nn.scan(TransformerBlock, variable_axes={"params": 0}, split_rngs={"params": True},
                          length=self.depth)(self.config, name="blocks")
-        return blocks(x, None)[0]
+        return blocks(x)[0]
 
 
 def transformer_stack_rules() -> list[Rule]:
