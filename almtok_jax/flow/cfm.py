@@ -58,6 +58,9 @@ def estimator_input(x: Array, prompt: Array, cond: Array) -> Array:
     return jnp.concatenate([x, prompt, cond], axis=-1)
 
 
+SIGMA_MIN = 1e-4  # σ, the flow path's noise floor: one value for training and sampling (spec 03)
+
+
 # ------------------------------------------------------------------------------------------------ loss
 
 
@@ -65,7 +68,7 @@ def estimator_input(x: Array, prompt: Array, cond: Array) -> Array:
 class FlowLossConfig:
     """Training-time masking and loss settings (spec 03 §4)."""
 
-    sigma_min: float = 1e-4
+    sigma_min: float = SIGMA_MIN
     cfg_dropout: float = 0.1  # per sample, the whole condition becomes 0
     prefix_probability: float = 0.5  # per batch ('other_seg'): every sample gets an in-context prefix
     prefix_min: int = 32  # prefix length drawn uniformly from [prefix_min, prefix_max], both included
@@ -158,7 +161,7 @@ class SamplerConfig:
     num_steps: int = 50
     guidance_scale: float = 1.5  # > 1: classifier-free guidance with a doubled (2B) batch; ≤ 1: no CFG
     solver: str = "euler"  # "euler" (upstream) | "midpoint" (2 estimator calls per step)
-    sigma_min: float = 1e-4
+    sigma_min: float = SIGMA_MIN
 
     def __post_init__(self) -> None:
         if self.solver not in ("euler", "midpoint"):
