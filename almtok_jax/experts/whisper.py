@@ -15,10 +15,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from almtok_jax import mapping
+from almtok_jax.audio import LogMelConfig
 from almtok_jax.layers import Conv1d, LayerNorm, Linear, dot_product_attention, gelu_exact
 from almtok_jax.mapping import Rule
 
 Array = jax.Array
+STEM_STRIDE = 2  # stride of the stem's conv2: log-mel frames per encoder frame
 
 
 @dataclass(frozen=True)
@@ -40,7 +42,7 @@ class WhisperConfig:
     @property
     def num_mel_frames(self) -> int:
         """The only accepted input length: the conv stem halves it onto the full position table."""
-        return 2 * self.max_source_positions
+        return STEM_STRIDE * self.max_source_positions
 
     @classmethod
     def from_hf_config(cls, config: dict, layer_norm_eps: float = 1e-5) -> WhisperConfig:
@@ -116,7 +118,7 @@ class WhisperEncoder(nn.Module):
             raise ValueError(f"Whisper encoder expects a log-mel of shape (B, {c.num_mel_frames}, "
                              f"{c.num_mel_bins}) (30 s, channels-last), got {mel.shape}")
         x = gelu_exact(Conv1d(c.d_model, 3, padding=1, name="conv1")(mel))
-        x = gelu_exact(Conv1d(c.d_model, 3, stride=2, padding=1, name="conv2")(x))
+        x = gelu_exact(Conv1d(c.d_model, 3, stride=STEM_STRIDE, padding=1, name="conv2")(x))
         positions = self.param("embed_positions", lambda _: jnp.asarray(
             sinusoid_positions(c.max_source_positions, c.d_model)))
         x = x + positions
@@ -127,6 +129,11 @@ class WhisperEncoder(nn.Module):
         if not output_hidden_states:
             return last
         return last, jnp.concatenate([x[None], per_layer[:-1], last[None]], axis=0)
+
+
+def whisper_frame_rate(logmel: LogMelConfig) -> float:
+    """Encoder frames per second: the log-mel rate over the stem stride (16000 / 160 / 2 = 50 Hz)."""
+    return logmel.sample_rate / logmel.hop_length / STEM_STRIDE
 
 
 def whisper_n_len(num_samples: int, sample_rate: int = 24000, frame_rate: int = 50,
