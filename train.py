@@ -35,6 +35,7 @@ from almtok_jax.train.state import (
     build_task,
     decay_mask,
     init_train_state,
+    is_task_reference,
     make_eval_step,
     make_optimizer,
     make_schedule,
@@ -66,8 +67,8 @@ def put_global(tree: object, shardings: object) -> object:
 
 
 def model_config_text(config: TrainConfig) -> str:
-    if config.model == "toy":
-        return yaml.safe_dump({"model": "toy"})
+    if is_task_reference(config.model):
+        return yaml.safe_dump({"model": config.model})
     return Path(config.model).read_text()
 
 
