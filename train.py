@@ -30,7 +30,7 @@ from almtok_jax.train import checkpoint as ckpt_lib
 from almtok_jax.train import data as data_lib
 from almtok_jax.train import sharding as shard_lib
 from almtok_jax.train.config import TrainConfig
-from almtok_jax.train.logging import TrainLogger, setup_console
+from almtok_jax.train.reporting import TrainLogger, setup_console
 from almtok_jax.train.state import (
     build_task,
     decay_mask,
