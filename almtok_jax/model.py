@@ -184,7 +184,7 @@ def encode_segments(variables: Mapping, segments: Array, config: ALMTokenizer2Co
     features = fused_features(variables, expert_streams(variables, segments, config), config, compat)
     quantizer = QueryQuantizer(config.quantizer)
     query = quantizer.apply(variables["quantizer"], features, method="encoder_sequence")["query"]
-    codes, _ = quantizer.apply(variables["quantizer"], features, method="quantize")
+    codes, _ = quantizer.apply(variables["quantizer"], features, method="encode_codes")
     return {"codes": codes, "features": features, "query": query}
 
 

@@ -2,7 +2,7 @@
 
 Upstream ``models/scalar24k.py`` (``ScalarModel``), spec ``04-sqcodec-training.md`` part A. A waveform at
 ``sample_rate`` is encoded to a ``tanh`` latent of ``latent_hidden_dim`` channels at
-``sample_rate / hop_length`` frames per second (25 Hz for the release); :func:`quantize` maps it to
+``sample_rate / hop_length`` frames per second (25 Hz for the release); :func:`round_latents` maps it to
 ``round(9 z) / 9``; the decoder turns (quantized) latents back into a waveform.
 
 Layouts: every array here is channels-last. Waveforms are ``(B, N, num_bands)`` (``(B, N)`` is accepted on
@@ -54,13 +54,13 @@ from almtok_jax.mapping import (
     conv1d,
     conv_transpose1d,
     convert_state_dict,
-    flatten,
+    to_vector,
 )
 
 Array = jax.Array
 
 QUANT_LEVELS_PER_UNIT = 9.0  # q(z) = round(9 z) / 9: 19 levels for |z| < 1
-RES_DILATIONS = (1, 3, 5, 7, 9)  # dilations of the five ResidualUnits of every block
+RES_DILATIONS = (1, 3, 5, 7, 9)  # dilations of the five PReLUResidualUnits of every block
 
 
 @dataclass(frozen=True)
@@ -183,20 +183,20 @@ def decoded_length(frames: int, config: SQCodecConfig) -> int:
 # --------------------------------------------------------------------------------------------- quantizer
 
 @jax.custom_vjp
-def quantize(z: Array) -> Array:
+def round_latents(z: Array) -> Array:
     """``round(9 z) / 9`` (round half to even, in ``z``'s dtype, no clamp); straight-through gradient."""
     return jnp.round(z * QUANT_LEVELS_PER_UNIT) / QUANT_LEVELS_PER_UNIT
 
 
-def _quantize_fwd(z: Array) -> tuple[Array, None]:
-    return quantize(z), None
+def _round_latents_fwd(z: Array) -> tuple[Array, None]:
+    return round_latents(z), None
 
 
-def _quantize_bwd(_, cotangent: Array) -> tuple[Array]:
+def _round_latents_bwd(_, cotangent: Array) -> tuple[Array]:
     return (cotangent,)
 
 
-quantize.defvjp(_quantize_fwd, _quantize_bwd)
+round_latents.defvjp(_round_latents_fwd, _round_latents_bwd)
 
 
 # ---------------------------------------------------------------------------------------------- modules
@@ -205,7 +205,7 @@ def _padding(causal: bool) -> str:
     return "causal" if causal else "same_torch"
 
 
-class ResidualUnit(nn.Module):
+class PReLUResidualUnit(nn.Module):
     """``x + PReLU(Conv_1x1(PReLU(Conv_k,dilated(x))))`` at constant channels and length."""
 
     kernel_size: int
@@ -237,7 +237,7 @@ class ResEncoderBlock(nn.Module):
     @nn.compact
     def __call__(self, x: Array, down_slope: Array) -> Array:
         for j, d in enumerate(RES_DILATIONS):
-            x = ResidualUnit(self.res_kernel_size, d, self.causal, name=f"convs_{j}")(x)
+            x = PReLUResidualUnit(self.res_kernel_size, d, self.causal, name=f"convs_{j}")(x)
         x = Conv1d(self.features, self.kernel_size, stride=self.stride, padding=_padding(self.causal),
                    use_weight_norm=True, name="down_conv")(x)
         return prelu(x, down_slope)
@@ -258,7 +258,7 @@ class ResDecoderBlock(nn.Module):
         x = ConvTranspose1d(self.features, k, stride=s, padding=0 if self.causal else (k - s) // 2,
                             trim_right=s if self.causal else 0, use_weight_norm=True, name="up_conv")(x)
         for j, d in enumerate(RES_DILATIONS):
-            x = ResidualUnit(self.res_kernel_size, d, self.causal, name=f"convs_{j}")(x)
+            x = PReLUResidualUnit(self.res_kernel_size, d, self.causal, name=f"convs_{j}")(x)
         return x
 
 
@@ -339,7 +339,7 @@ class SQDecoder(nn.Module):
         n = c.num_stages
         # decoder.0 is non-causal in every configuration: delay_kernel_size // 2 frames of look-ahead.
         x = Conv1d(c.init_channel * 2 ** n, c.delay_kernel_size, padding="same_torch", use_weight_norm=True,
-                   name="layers_0")(quantize(latents))
+                   name="layers_0")(round_latents(latents))
         self.sow("intermediates", "out_0", x)
         for stage, (s, k) in enumerate(zip(c.upsample_factors, c.upsample_kernel_sizes, strict=True)):
             i = stage + 1
@@ -358,7 +358,8 @@ class SQDecoder(nn.Module):
 
 
 class SQCodec(nn.Module):
-    """``ScalarModel``: ``encode`` (tanh latent), ``decode`` (quantize, then decode), ``__call__`` = both."""
+    """``ScalarModel``: ``encode`` (tanh latent), ``decode`` (:func:`round_latents`, then decode), ``__call__``
+    = both."""
 
     config: SQCodecConfig
 
@@ -438,7 +439,7 @@ def _wn_conv_rules(source: str, target: str, transposed: bool = False) -> list[R
     """Old-style weight-normed conv ``<source>.{bias, weight_g, weight_v}`` -> ``<target>/...``."""
     return [
         Rule(source + r"\.weight_v", target + "/weight_v", conv_transpose1d if transposed else conv1d),
-        Rule(source + r"\.weight_g", target + "/weight_g", flatten),
+        Rule(source + r"\.weight_g", target + "/weight_g", to_vector),
         Rule(source + r"\.bias", target + "/bias"),
     ]
 

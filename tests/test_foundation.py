@@ -55,7 +55,7 @@ def test_mapping_reports_everything_at_once():
 
 
 def test_weight_norm_spellings_are_one():
-    rules = [Rule(r"c\.weight_g", "params/c/weight_g", mapping.flatten)]
+    rules = [Rule(r"c\.weight_g", "params/c/weight_g", mapping.to_vector)]
     for key in ("c.weight_g", "c.parametrizations.weight.original0"):
         assert convert_state_dict({key: np.ones((3, 1, 1))}, rules)["params"]["c"]["weight_g"].shape == (3,)
 

@@ -16,7 +16,7 @@ from almtok_jax.experts.musicfm import (
     musicfm_features,
     musicfm_layer_results,
     musicfm_rules,
-    num_frames,
+    num_output_frames,
     trimmed_length,
     variable_shapes,
 )
@@ -46,7 +46,7 @@ def fixture():
 ])
 def test_length_rules(n, kept, frames):
     assert trimmed_length(n, MusicFMConfig()) == kept
-    assert num_frames(n, MusicFMConfig()) == frames
+    assert num_output_frames(n, MusicFMConfig()) == frames
 
 
 @pytest.mark.parametrize("n", [1920, 2879, 3841, 48240])

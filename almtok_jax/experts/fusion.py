@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from almtok_jax import mapping
 from almtok_jax.compat import check_compat
-from almtok_jax.experts.musicfm import num_frames as musicfm_frames
+from almtok_jax.experts.musicfm import num_output_frames as musicfm_frames
 from almtok_jax.experts.wavlm import num_output_frames as wavlm_frames
 from almtok_jax.experts.whisper import whisper_frame_rate, whisper_n_len
 from almtok_jax.layers import Conv1d, Linear
@@ -76,7 +76,7 @@ class FusionLengths:
 def fusion_lengths(num_samples: int, experts: ExpertsConfig) -> FusionLengths:
     """Stream lengths of a ``num_samples`` segment (spec §6.2), each from the expert that produces it.
 
-    ``bestrq`` = :func:`~almtok_jax.experts.musicfm.num_frames`, ``wavlm`` =
+    ``bestrq`` = :func:`~almtok_jax.experts.musicfm.num_output_frames`, ``wavlm`` =
     :func:`~almtok_jax.experts.wavlm.num_output_frames`, ``n_len`` = :func:`whisper_n_len` at the log-mel's
     encoder frame rate; ``phone = wavlm // 2`` and ``whisper = n_len // 2`` (the two ``k2 s2`` convs). For
     the release: ``N // 960``, ``(ceil(2N/3) + 160 - 400) // 320 + 1``, ``int(N / 24000 * 50)`` <= 1500.

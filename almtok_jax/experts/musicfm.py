@@ -127,7 +127,7 @@ def trimmed_length(n: int, config: MusicFMConfig) -> int:
     return n // config.samples_per_frame * config.samples_per_frame
 
 
-def num_frames(n: int, config: MusicFMConfig) -> int:
+def num_output_frames(n: int, config: MusicFMConfig) -> int:
     """25 Hz output frames for an ``n``-sample input: ``floor(n/960)``."""
     return n // config.samples_per_frame
 
@@ -138,7 +138,7 @@ def min_input_length(config: MusicFMConfig) -> int:
     return (config.n_fft // 2 // spf + 1) * spf
 
 
-def check_input(wav: Array, config: MusicFMConfig) -> None:
+def check_musicfm_input(wav: Array, config: MusicFMConfig) -> None:
     """Raise a ``ValueError`` naming the problem if ``wav`` is not a usable ``(B, N)`` 24 kHz batch."""
     if wav.ndim != 2:
         raise ValueError(f"MusicFM expects mono audio of shape (B, N) at {config.sample_rate} Hz, "
@@ -217,7 +217,7 @@ class Conv2dSubsampling(nn.Module):
         return Linear(c.encoder_dim, name="linear")(flat), x
 
 
-class FeedForward(nn.Module):
+class ConformerFeedForward(nn.Module):
     """Linear -> SiLU -> Linear."""
 
     config: MusicFMConfig
@@ -281,10 +281,10 @@ class ConformerBlock(nn.Module):
         def norm(name):
             return LayerNorm(c.layer_norm_eps, name=name)
 
-        x = x + 0.5 * FeedForward(c, name="ffn1")(norm("ffn1_layer_norm")(x))
+        x = x + 0.5 * ConformerFeedForward(c, name="ffn1")(norm("ffn1_layer_norm")(x))
         x = x + RotarySelfAttention(c, name="self_attn")(norm("self_attn_layer_norm")(x), cos, sin)
         x = x + ConvModule(c, name="conv_module")(x)
-        x = x + 0.5 * FeedForward(c, name="ffn2")(norm("ffn2_layer_norm")(x))
+        x = x + 0.5 * ConformerFeedForward(c, name="ffn2")(norm("ffn2_layer_norm")(x))
         x = norm("final_layer_norm")(x)
         return x, x
 
@@ -328,7 +328,7 @@ class MusicFM(nn.Module):
     @nn.compact
     def __call__(self, wav: Array) -> tuple[Array, ...]:
         c = self.config
-        check_input(wav, c)
+        check_musicfm_input(wav, c)
         wav = wav[:, : trimmed_length(wav.shape[1], c)]
         mel_db = MelFrontEnd(c, name="mel_stft")(wav)
         mel_norm = (mel_db - c.mel_mean) / c.mel_std

@@ -29,7 +29,7 @@ from almtok_jax.flow.dit import (
 )
 from almtok_jax.golden.runner import Fixture
 from almtok_jax.mapping import Rule, convert_state_dict, prefixed
-from almtok_jax.quantizer import QuantizerConfig, QueryQuantizer, load_variables
+from almtok_jax.quantizer import QuantizerConfig, QueryQuantizer, variables_from_state_dict
 from almtok_jax.quantizer.query import DECODER_PARTS
 
 # Keys of the AudioDiffusion1D state dict that are not the flow part (the quantizer loads those).
@@ -106,7 +106,7 @@ def sampler(fx: Fixture) -> dict[str, np.ndarray]:
     model = DiTEstimator(config)
     # The sampler fixture holds only the quantizer's decoding half (codes → condition).
     q_config = QuantizerConfig.from_meta(fx.config)
-    q_variables = load_variables(fx.state_dict, q_config, source=fx.path.name, parts=DECODER_PARTS)
+    q_variables = variables_from_state_dict(fx.state_dict, q_config, source=fx.path.name, parts=DECODER_PARTS)
     quantizer = QueryQuantizer(q_config)
 
     @jax.jit

@@ -12,7 +12,7 @@ import numpy as np
 
 from almtok_jax.golden.runner import Fixture
 from almtok_jax.mapping import convert_state_dict, prefixed
-from almtok_jax.quantizer.query import QuantizerConfig, QueryQuantizer, load_variables
+from almtok_jax.quantizer.query import QuantizerConfig, QueryQuantizer, variables_from_state_dict
 from almtok_jax.quantizer.rvq import ResidualVQ, RVQConfig, rvq_rules
 from almtok_jax.quantizer.transformer import (
     BlockConfig,
@@ -125,7 +125,7 @@ def query_quantizer(fx: Fixture) -> dict[str, np.ndarray]:
     """The eval chain per case; ``pron_pred`` channels-first, the rest channels-last."""
     config = QuantizerConfig.from_meta(fx.config, compat="release")
     model = QueryQuantizer(config)
-    variables = load_variables(fx.state_dict, config, source=fx.path.name)
+    variables = variables_from_state_dict(fx.state_dict, config, source=fx.path.name)
 
     @jax.jit
     def run(variables, features, target):

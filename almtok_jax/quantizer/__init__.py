@@ -11,15 +11,15 @@ from almtok_jax.quantizer.query import (
     QuantizerConfig,
     QueryQuantizer,
     dequantize,
+    encode_codes,
     extract_frames,
     extract_queries,
     init_variables,
     interleave_masks,
     interleave_queries,
-    load_variables,
-    quantize,
     quantizer_rules,
     train_forward,
+    variables_from_state_dict,
 )
 from almtok_jax.quantizer.rvq import ResidualVQ, RVQConfig, rotation_trick, rvq_rules
 from almtok_jax.quantizer.transformer import (
@@ -34,8 +34,8 @@ from almtok_jax.quantizer.transformer import (
 __all__ = [
     "BlockConfig", "CodePredictor", "GPTLossConfig", "PronunciationConfig", "PronunciationDecoder",
     "QuantizerConfig", "QueryQuantizer", "RVQConfig", "ResidualVQ", "TransformerBlock", "TransformerStack",
-    "check_rope_buffers", "dequantize", "extract_frames", "extract_queries", "gpt_loss", "init_variables",
-    "interleave_masks", "interleave_queries", "load_variables", "next_code_loss", "phone_loss",
-    "pronunciation_rules", "quantize", "quantizer_rules", "rope_inv_freq", "rotation_trick", "rvq_rules",
-    "train_forward", "transformer_stack_rules",
+    "check_rope_buffers", "dequantize", "encode_codes", "extract_frames", "extract_queries", "gpt_loss",
+    "init_variables", "interleave_masks", "interleave_queries", "next_code_loss", "phone_loss",
+    "pronunciation_rules", "quantizer_rules", "rope_inv_freq", "rotation_trick", "rvq_rules",
+    "train_forward", "transformer_stack_rules", "variables_from_state_dict",
 ]

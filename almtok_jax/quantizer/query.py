@@ -14,7 +14,7 @@ the default mode pads the features by repeating the last frame up to the next mu
 first ``T``).
 
 Variables: ``params`` (everything trainable) and ``codebook`` (the RVQ buffers, updated by the training
-forward, never by the optimizer). Load released weights with :func:`load_variables`.
+forward, never by the optimizer). Load released weights with :func:`variables_from_state_dict`.
 """
 
 from __future__ import annotations
@@ -199,7 +199,7 @@ class QueryQuantizer(nn.Module):
             out["phone_loss"] = phone_loss(out["pron_pred"], wavlm_target)
         return out
 
-    def quantize(self, features: Array) -> tuple[Array, Array]:
+    def encode_codes(self, features: Array) -> tuple[Array, Array]:
         """Eval: features ``(B, T, dim)`` → codes ``(B, N, Q)`` int32 and quantized ``(B, N, dim)``."""
         vq = self.vq_embed(self.encoder_sequence(features)["query"])
         return vq["codes"], vq["quantized"]
@@ -210,10 +210,10 @@ class QueryQuantizer(nn.Module):
 
 
 @partial(jax.jit, static_argnames="config")
-def quantize(variables: dict, features: Array, config: QuantizerConfig) -> tuple[Array, Array]:
+def encode_codes(variables: dict, features: Array, config: QuantizerConfig) -> tuple[Array, Array]:
     """Tokenize fused features ``(B, T, dim)`` (25 Hz): codes ``(B, N, Q)`` int32 (12.5 Hz) and the
     quantized tokens ``(B, N, dim)``. ``variables`` holds ``params`` and ``codebook``."""
-    return QueryQuantizer(config).apply(variables, features, method="quantize")
+    return QueryQuantizer(config).apply(variables, features, method="encode_codes")
 
 
 @partial(jax.jit, static_argnames="config")
@@ -257,7 +257,7 @@ QUANTIZER_PARTS = ("cls_token", "mask_token", "encoder_transformers", "decoder_t
 DECODER_PARTS = ("mask_token", "decoder_transformers", "decoder_pred", "cond_feature_emb", "vq_embed")
 
 
-def load_variables(state_dict: dict[str, np.ndarray], config: QuantizerConfig, source: str = "state dict",
+def variables_from_state_dict(state_dict: dict[str, np.ndarray], config: QuantizerConfig, source: str = "state dict",
                    parts: tuple[str, ...] = QUANTIZER_PARTS) -> dict:
     """Convert the quantizer keys of a reference (``AudioDiffusion1D``) state dict into ``params`` /
     ``codebook``; keys of other components are ignored. Every variable of ``parts`` must be provided with

@@ -82,7 +82,7 @@ def check_rope_buffers(state_dict: dict, config: BlockConfig) -> None:
                                  f"(rotary_dim {config.rotary_dim}, base {config.rope_base})")
 
 
-class SelfAttention(nn.Module):
+class QKNormRotaryAttention(nn.Module):
     """Fused weight-normed qkv (no bias) → qk LayerNorm → RoPE → softmax attention → weight-normed out."""
 
     config: BlockConfig
@@ -128,7 +128,7 @@ class TransformerBlock(nn.Module):
     def __call__(self, x: Array) -> tuple[Array, None]:
         c = self.config
         scale_init = nn.initializers.constant(c.layer_scale_init)
-        x = x + self.param("self_attn_scale", scale_init, (c.dim,)) * SelfAttention(c, name="self_attn")(x)
+        x = x + self.param("self_attn_scale", scale_init, (c.dim,)) * QKNormRotaryAttention(c, name="self_attn")(x)
         return x + self.param("ff_scale", scale_init, (c.dim,)) * GatedFeedForward(c, name="ff")(x), None
 
 
@@ -158,7 +158,7 @@ def transformer_stack_rules() -> list[Rule]:
         rules += [Rule(layer + src.replace(".", r"\.") + r"\.weight_v", p + dst + "/weight_v",
                        mapping.linear, stack="i"),
                   Rule(layer + src.replace(".", r"\.") + r"\.weight_g", p + dst + "/weight_g",
-                       mapping.flatten, stack="i")]
+                       mapping.to_vector, stack="i")]
     for src, dst in (("ff.ff.0.proj.bias", "ff/proj/bias"), ("ff.ff.2.bias", "ff/out/bias"),
                      ("self_attn.q_norm.weight", "self_attn/q_norm_scale"),
                      ("self_attn.q_norm.bias", "self_attn/q_norm_bias"),

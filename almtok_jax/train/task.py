@@ -159,7 +159,7 @@ def random_variables(config: ALMTokenizer2Config, key: Array) -> dict:
     return variables
 
 
-def load_variables(directory: str | Path, config: ALMTokenizer2Config) -> dict:
+def variables_from_model_dir(directory: str | Path, config: ALMTokenizer2Config) -> dict:
     """Model variables (NumPy) of a model directory (``convert_torch_weights.py`` or a training export),
     checked against the shapes of ``config``."""
     tree, _ = load_model_dir(directory)
@@ -254,7 +254,7 @@ def train_task(model_config_path: str | Path, train_config: TrainConfig) -> Task
         return task_trees(random_variables(config, rng))
 
     def load_fn(directory: str) -> tuple[Params, Params, Params]:
-        return task_trees(load_variables(directory, config))
+        return task_trees(variables_from_model_dir(directory, config))
 
     def loss_fn(trainable, frozen, extra, batch, rng):
         return training_loss(trainable, frozen, extra, batch, rng, config)
