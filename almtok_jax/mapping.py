@@ -62,11 +62,6 @@ def to_vector(a: np.ndarray) -> np.ndarray:
     return a.reshape(-1)
 
 
-def scalar(a: np.ndarray) -> np.ndarray:
-    """A 1-element tensor -> 0-d."""
-    return a.reshape(())
-
-
 @dataclass(frozen=True)
 class Rule:
     """Map keys fully matching ``source`` to ``target`` (``None``: drop) through ``transform``."""

@@ -48,7 +48,6 @@ from almtok_jax.sqcodec import SQCodec, load_sqcodec
 Array = jax.Array
 
 FROZEN = ("whisper", "wavlm", "musicfm", "sqcodec")
-TRAINABLE = ("fusion", "quantizer", "flow")
 _KEY = jax.random.PRNGKey(0)
 
 

@@ -414,14 +414,9 @@ def sq_decode(params: Mapping, latents: Array, config: SQCodecConfig) -> Array:
 
 
 @partial(jax.jit, static_argnames="config")
-def sq_forward(params: Mapping, wav: Array, config: SQCodecConfig) -> Array:
-    """Reconstruction ``decode(encode(wav))``: ``(B, N[, num_bands]) -> (B, N', num_bands)``."""
-    return SQCodec(config).apply(params, _check_wav(wav, config))
-
-
-@partial(jax.jit, static_argnames="config")
 def sq_forward_trace(params: Mapping, wav: Array, config: SQCodecConfig) -> tuple[Array, dict[str, Array]]:
-    """:func:`sq_forward` plus the output of every ``encoder.{i}`` / ``decoder.{i}`` element (channels-last).
+    """Reconstruction ``decode(encode(wav))`` ``(B, N[, num_bands]) -> (B, N', num_bands)`` and the output of
+    every ``encoder.{i}`` / ``decoder.{i}`` element (channels-last).
 
     ``encoder.{last}`` is the last conv's output before ``tanh``; ``decoder.0`` sees the quantized latent.
     """

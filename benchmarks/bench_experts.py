@@ -33,20 +33,12 @@ from almtok_jax.experts.whisper import WhisperConfig, WhisperEncoder, whisper_fe
 SAMPLE_RATE = 24000
 
 
-def _optional_experts() -> dict:
-    """WavLM and MusicFM modules, where they exist in this checkout."""
-    found = {}
-    try:
-        from almtok_jax.experts.wavlm import WavLMConfig, WavLMExpert
-        found["wavlm"] = (WavLMConfig(), WavLMExpert)
-    except ImportError:
-        pass
-    try:
-        from almtok_jax.experts.musicfm import MusicFM, MusicFMConfig
-        found["musicfm"] = (MusicFMConfig(), MusicFM)
-    except ImportError:
-        pass
-    return found
+def _experts() -> dict:
+    """WavLM and MusicFM: release configs and modules."""
+    from almtok_jax.experts.musicfm import MusicFM, MusicFMConfig
+    from almtok_jax.experts.wavlm import WavLMConfig, WavLMExpert
+
+    return {"wavlm": (WavLMConfig(), WavLMExpert), "musicfm": (MusicFMConfig(), MusicFM)}
 
 
 def build(num_samples: int, key: jax.Array) -> tuple[dict, Callable, list[str]]:
@@ -54,7 +46,7 @@ def build(num_samples: int, key: jax.Array) -> tuple[dict, Callable, list[str]]:
 
     Without WavLM or MusicFM in the checkout, the function returns the expert streams that exist (no fusion).
     """
-    experts = _optional_experts()
+    experts = _experts()
     k_whisper, k_wavlm, k_musicfm, k_fusion = jax.random.split(key, 4)
     wav = jnp.zeros((1, num_samples), jnp.float32)
     whisper_cfg = WhisperConfig()
