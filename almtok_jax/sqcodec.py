@@ -13,8 +13,8 @@ Entry points (jit-compiled, ``config`` static, ``params`` = the variables ``{"pa
 
 * :func:`sq_encode` -> the **un-quantized** tanh latent (what upstream ``encode`` returns);
 * :func:`sq_decode` -> waveform; quantizes its input first, no clamp, no output activation;
-* :func:`sq_forward_trace` -> the reconstruction ``decode(encode(wav))`` plus every encoder/decoder list element's output, keyed
-  by the state-dict prefix (``"encoder.3"``, ``"decoder.0"``...).
+* :func:`sq_forward_trace` -> the reconstruction ``decode(encode(wav))`` plus every encoder/decoder list
+  element's output, keyed by the state-dict prefix (``"encoder.3"``, ``"decoder.0"``...).
 
 Lengths (:func:`latent_frames`, :func:`decoded_length`): causal, ``F = ceil(N / hop_length)`` and the
 decoder gives ``F * hop_length`` samples; non-causal strided convs floor, odd-stride transposed convs add a
