@@ -13,7 +13,6 @@ Only the blocks up to the last requested layer are built (and loaded), run with 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import re
 from dataclasses import dataclass
 
@@ -414,24 +413,6 @@ def musicfm_rules(config: MusicFMConfig) -> list[Rule]:
         Rule(r"cls_token", None),
     ]
     return rules
-
-
-@functools.partial(jax.jit, static_argnames="config")
-def musicfm_layer_results(variables: dict, wav: Array, config: MusicFMConfig) -> tuple[Array, ...]:
-    """24 kHz audio ``(B, N)`` -> one ``(B, floor(N/960), encoder_dim)`` array per output layer."""
-    return MusicFM(config).apply(variables, wav)
-
-
-def musicfm_features(variables: dict, wav: Array, config: MusicFMConfig) -> tuple[Array, Array]:
-    """ALMTokenizer2's BEST-RQ features: ``(acoustic, semantic)``, each ``(B, floor(N/960), D)`` at 25 Hz.
-
-    ``acoustic`` is layer result ``output_layers[0]`` (4), ``semantic`` ``output_layers[1]`` (11).
-    """
-    if len(config.output_layers) != 2:
-        raise ValueError(f"musicfm_features needs two output_layers (acoustic, semantic), "
-                         f"got {config.output_layers}")
-    acoustic, semantic = musicfm_layer_results(variables, wav, config)
-    return acoustic, semantic
 
 
 def with_output_layers(config: MusicFMConfig, layers: tuple[int, ...]) -> MusicFMConfig:
