@@ -38,12 +38,13 @@ from almtok_jax.train import checkpoint as ckpt_lib
 from almtok_jax.train import data as data_lib
 from almtok_jax.train import sharding as shard_lib
 from almtok_jax.train.config import TrainConfig
-from almtok_jax.train.logging import TrainLogger, setup_console
+from almtok_jax.train.reporting import TrainLogger, setup_console
 from almtok_jax.train.state import (
     Task,
     build_task,
     decay_mask,
     init_train_state,
+    is_task_reference,
     make_eval_step,
     make_optimizer,
     make_schedule,
@@ -125,8 +126,8 @@ def put_global(tree: object, shardings: object) -> object:
 
 def model_config_text(config: TrainConfig) -> str:
     """A model directory's ``config.yaml``: every value of the model (a preset lists only its differences)."""
-    if config.model == "toy":
-        return yaml.safe_dump({"model": "toy"})
+    if is_task_reference(config.model):
+        return yaml.safe_dump({"model": config.model})
     return yaml.safe_dump(to_dict(load_model_config(config.model)), sort_keys=False)
 
 

@@ -206,40 +206,55 @@ class LogMelConfig:
         return self.n_samples // self.hop_length
 
 
-def hann_window(n: int) -> np.ndarray:
-    """Periodic Hann window ``0.5 - 0.5 cos(2 pi k / n)``, float32 ``(n,)``.
+def hann_window(n: int, dtype: type[np.floating] = np.float32) -> np.ndarray:
+    """Periodic Hann window ``0.5 - 0.5 cos(2 pi k / n)`` of length ``n``, evaluated in ``dtype``.
 
-    Evaluated in float32 like ``torch.hann_window`` (a float64 evaluation differs by up to 2.4e-7).
+    float32 (the default) is ``torch.hann_window``; a float64 evaluation differs from it by up to 2.4e-7.
     """
-    k = np.arange(n, dtype=np.float32)
-    return np.float32(0.5) - np.float32(0.5) * np.cos(k * np.float32(2 * np.pi / n))
+    real = np.dtype(dtype).type
+    k = np.arange(n, dtype=real)
+    return real(0.5) - real(0.5) * np.cos(k * real(2 * np.pi / n))
 
 
-def _hz_to_mel_slaney(f: np.ndarray) -> np.ndarray:
+def hz_to_mel(f: np.ndarray, scale: str = "slaney") -> np.ndarray:
+    """Hz -> mel, float64: ``"slaney"`` (linear below 1 kHz, log above, librosa's default) or ``"htk"``."""
     f = np.asarray(f, dtype=np.float64)
+    if scale == "htk":
+        return 2595.0 * np.log10(1.0 + f / 700.0)
     log_part = 15.0 + np.log(np.maximum(f, 1e-10) / 1000.0) * 27.0 / np.log(6.4)
     return np.where(f < 1000.0, 3.0 * f / 200.0, log_part)
 
 
-def _mel_to_hz_slaney(m: np.ndarray) -> np.ndarray:
+def mel_to_hz(m: np.ndarray, scale: str = "slaney") -> np.ndarray:
+    """The inverse of :func:`hz_to_mel`, float64."""
     m = np.asarray(m, dtype=np.float64)
+    if scale == "htk":
+        return 700.0 * (10.0 ** (m / 2595.0) - 1.0)
     return np.where(m < 15.0, 200.0 * m / 3.0, 1000.0 * np.exp(np.log(6.4) / 27.0 * (m - 15.0)))
 
 
-def mel_filters(sample_rate: int = 16000, n_fft: int = 400, n_mels: int = 80) -> np.ndarray:
-    """Slaney-scale, Slaney-normalised triangular filter bank ``(n_fft//2 + 1, n_mels)``, float64 -> float32.
+def mel_filters(sample_rate: int = 16000, n_fft: int = 400, n_mels: int = 80, f_min: float = 0.0,
+                f_max: float | None = None, scale: str = "slaney", norm: str | None = "slaney") -> np.ndarray:
+    """Triangular mel filter bank ``(n_fft//2 + 1, n_mels)``, computed in float64, returned as float32.
 
-    Equals ``librosa.filters.mel(sr, n_fft, n_mels)`` (htk=False, norm="slaney"), transposed.
+    ``n_mels`` triangles with corners equally spaced on the ``scale`` mel axis from ``f_min`` to ``f_max``
+    (default ``sample_rate / 2``); ``norm="slaney"`` scales each to unit area (``2 / width``), ``None``
+    keeps peak 1. The defaults equal ``librosa.filters.mel(sr, n_fft, n_mels)`` transposed (Whisper);
+    ``scale="htk", norm=None`` is torchaudio's ``melscale_fbanks`` (MusicFM).
     """
+    f_max = sample_rate / 2 if f_max is None else f_max
     fft_freqs = np.linspace(0.0, sample_rate / 2, n_fft // 2 + 1)
-    mels = np.linspace(_hz_to_mel_slaney(0.0), _hz_to_mel_slaney(sample_rate / 2), n_mels + 2)
-    edges = _mel_to_hz_slaney(mels)
+    mels = np.linspace(hz_to_mel(f_min, scale), hz_to_mel(f_max, scale), n_mels + 2)
+    edges = mel_to_hz(mels, scale)
     widths = np.diff(edges)
     slopes = edges[None, :] - fft_freqs[:, None]
     rising = -slopes[:, :-2] / widths[:-1]
     falling = slopes[:, 2:] / widths[1:]
     bank = np.maximum(0.0, np.minimum(rising, falling))
-    bank *= 2.0 / (edges[2:] - edges[:-2])
+    if norm == "slaney":
+        bank *= 2.0 / (edges[2:] - edges[:-2])
+    elif norm is not None:
+        raise ValueError(f"unknown mel filter norm {norm!r} (use 'slaney' or None)")
     return bank.astype(np.float32)
 
 

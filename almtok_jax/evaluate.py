@@ -257,15 +257,9 @@ def evaluate_folders(reference_dir: Path, degraded_dir: Path, out: Path, plots: 
 
 
 def load_tokenizer(checkpoint: Path, compat: str = "default") -> Any:
-    """``ALMTokenizer2.load(checkpoint, compat)``, imported here so the metrics work without the model code."""
-    try:
-        from almtok_jax.tokenizer import ALMTokenizer2
-    except ModuleNotFoundError as e:
-        if e.name != "almtok_jax.tokenizer":
-            raise
-        raise RuntimeError("model evaluation needs almtok_jax.tokenizer.ALMTokenizer2, which is not "
-                           "available in this version; use --references-only to score existing "
-                           "reconstructions") from e
+    """``ALMTokenizer2.load(checkpoint, compat)``, imported here so scoring alone does not load the model."""
+    from almtok_jax.tokenizer import ALMTokenizer2
+
     return ALMTokenizer2.load(checkpoint, compat=compat)
 
 

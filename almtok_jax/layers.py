@@ -5,6 +5,12 @@ is ``(in, out)``, conv kernels are ``(k, in/groups, out)``); the conversion from
 :mod:`almtok_jax.mapping`. Weight-normed layers keep ``weight_g``/``weight_v`` as parameters and recompute
 the weight in the forward pass (no epsilon, like ``torch.nn.utils.weight_norm``), so trained weights stay
 in the reference's parameterisation.
+
+Stacks of identical blocks (Whisper, WavLM, MusicFM, the query transformer, the GPT-loss predictor, the DiT)
+share one convention: ``nn.scan`` runs the block class itself (parameters stacked on axis 0); its
+``__call__(x, *shared)`` is the scan body and returns ``(x, per_layer)``, ``per_layer`` being the block's
+output when the stack reports it and ``None`` otherwise; ``shared`` inputs are broadcast
+(``in_axes=nn.broadcast``); there is no dummy ``xs`` argument and no wrapper class.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from collections.abc import Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 Padding = int | str | tuple[int, int]
@@ -21,17 +28,20 @@ Padding = int | str | tuple[int, int]
 default_kernel_init = nn.initializers.lecun_normal()
 
 
+def norm_except(v: Array, keep_axis: int) -> Array:
+    """L2 norm of ``v`` over every axis except ``keep_axis``, kept as size-1 axes (broadcasts against ``v``)."""
+    keep_axis = keep_axis % v.ndim
+    axes = tuple(a for a in range(v.ndim) if a != keep_axis)
+    return jnp.sqrt(jnp.sum(jnp.square(v), axis=axes, keepdims=True))
+
+
 def weight_norm(v: Array, g: Array, keep_axis: int) -> Array:
     """``g * v / ||v||`` with the norm taken over every axis of ``v`` except ``keep_axis``.
 
     ``g`` has shape ``(v.shape[keep_axis],)``. No epsilon, as in PyTorch.
     """
-    keep_axis = keep_axis % v.ndim
-    axes = tuple(a for a in range(v.ndim) if a != keep_axis)
-    norm = jnp.sqrt(jnp.sum(jnp.square(v), axis=axes, keepdims=True))
-    shape = [1] * v.ndim
-    shape[keep_axis] = v.shape[keep_axis]
-    return v * (g.reshape(shape) / norm)
+    norm = norm_except(v, keep_axis)
+    return v * (g.reshape(norm.shape) / norm)
 
 
 def conv_padding(kernel_size: int, dilation: int, padding: Padding) -> tuple[int, int]:
@@ -54,18 +64,13 @@ def conv_padding(kernel_size: int, dilation: int, padding: Padding) -> tuple[int
     return tuple(padding)
 
 
-def _norm_except(v: Array, keep_axis: int) -> Array:
-    """L2 norm of ``v`` over every axis except ``keep_axis``: shape ``(v.shape[keep_axis],)``."""
-    return jnp.sqrt(jnp.sum(jnp.square(jnp.moveaxis(v, keep_axis, 0)).reshape(v.shape[keep_axis], -1), -1))
-
-
 def _kernel_param(module: nn.Module, shape: tuple[int, ...], keep_axis: int, use_weight_norm: bool,
                   init: Callable) -> Array:
     """The effective kernel: a plain ``kernel`` parameter, or ``weight_g``/``weight_v`` recombined."""
     if not use_weight_norm:
         return module.param("kernel", init, shape)
     v = module.param("weight_v", init, shape)
-    g = module.param("weight_g", lambda _: _norm_except(v, keep_axis))
+    g = module.param("weight_g", lambda _: norm_except(v, keep_axis).reshape(-1))
     return weight_norm(v, g, keep_axis)
 
 
@@ -165,12 +170,11 @@ class PReLU(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        alpha = self.param("weight", nn.initializers.constant(0.25), (self.num_parameters,))
-        return jnp.where(x >= 0, x, alpha.astype(x.dtype) * x)
+        return prelu(x, self.param("weight", nn.initializers.constant(0.25), (self.num_parameters,)))
 
 
 def prelu(x: Array, alpha: Array) -> Array:
-    """PReLU with an explicit slope (for a slope shared across modules)."""
+    """PReLU with an explicit slope ``alpha`` (the :class:`PReLU` module's, or one shared across modules)."""
     return jnp.where(x >= 0, x, alpha.astype(x.dtype) * x)
 
 
@@ -219,6 +223,33 @@ def dot_product_attention(q: Array, k: Array, v: Array, bias: Array | None = Non
         logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+
+
+def rotary_inv_freq(dim: int, base: float) -> np.ndarray:
+    """Rotary frequencies ``1 / base^(2k/dim)``, ``k < dim/2``, evaluated in float32 like torch: ``(dim/2,)``."""
+    exponent = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
+    return (np.float32(1.0) / np.power(np.float32(base), exponent)).astype(np.float32)
+
+
+def rotary_tables(inv_freq: Array, length: int) -> tuple[Array, Array]:
+    """float32 ``cos``/``sin`` of ``t * inv_freq`` for positions ``t = 0..length-1``, each frequency used
+    twice (rotate-half pairing): ``(length, 2*len(inv_freq))`` each."""
+    angles = jnp.arange(length, dtype=jnp.float32)[:, None] * jnp.asarray(inv_freq, jnp.float32)[None, :]
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rotary(x: Array, cos: Array, sin: Array) -> Array:
+    """Rotate-half RoPE of ``x (B, L, H, D)`` with tables ``(L, R)`` from :func:`rotary_tables`.
+
+    The first ``R <= D`` features of each head become ``x*cos + concat(-x[R/2:R], x[:R/2])*sin`` (in
+    float32, cast back to ``x.dtype``); the other ``D - R`` pass through.
+    """
+    rot, half = cos.shape[-1], cos.shape[-1] // 2
+    xr, rest = x[..., :rot].astype(jnp.float32), x[..., rot:]
+    rotated_half = jnp.concatenate([-xr[..., half:], xr[..., :half]], axis=-1)
+    xr = (xr * cos[None, :, None, :] + rotated_half * sin[None, :, None, :]).astype(x.dtype)
+    return jnp.concatenate([xr, rest], axis=-1) if rest.shape[-1] else xr
 
 
 def gelu_exact(x: Array) -> Array:

@@ -60,14 +60,9 @@ def pointwise_conv(a: np.ndarray) -> np.ndarray:
     return a[:, :, 0].T
 
 
-def flatten(a: np.ndarray) -> np.ndarray:
+def to_vector(a: np.ndarray) -> np.ndarray:
     """Weight-norm magnitudes ``(out, 1, 1)``, ``(out, 1)``, ``(1, 1, k)`` and the like -> 1-D."""
     return a.reshape(-1)
-
-
-def scalar(a: np.ndarray) -> np.ndarray:
-    """A 1-element tensor -> 0-d."""
-    return a.reshape(())
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ from typing import Literal
 import librosa
 import numpy as np
 
-from almtok_jax.audio import resample, to_mono
+from almtok_jax.audio import hann_window, resample, to_mono
 
 try:
     import pesq as pesq_lib
@@ -131,10 +131,6 @@ def stoi_score(reference: np.ndarray, degraded: np.ndarray) -> float:
     return value
 
 
-def _periodic_hann(n: int) -> np.ndarray:
-    return 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n) / n)
-
-
 def stft_magnitude(x: np.ndarray, n_fft: int, hop: int, win: int, floor: float = 0.0) -> np.ndarray:
     """``torch.stft(center=True, pad_mode="reflect", onesided)`` magnitude: ``(frames, n_fft//2 + 1)``.
 
@@ -145,7 +141,7 @@ def stft_magnitude(x: np.ndarray, n_fft: int, hop: int, win: int, floor: float =
         raise MetricError(f"signal of {x.size} samples too short for reflect padding by {n_fft // 2}")
     left = (n_fft - win) // 2
     window = np.zeros(n_fft)
-    window[left:left + win] = _periodic_hann(win)
+    window[left:left + win] = hann_window(win, np.float64)
     padded = np.pad(x, n_fft // 2, mode="reflect")
     frames = np.lib.stride_tricks.sliding_window_view(padded, n_fft)[::hop]
     spec = np.fft.rfft(frames * window, axis=-1)

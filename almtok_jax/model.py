@@ -259,9 +259,10 @@ def expert_streams(variables: Mapping, segments: Array, config: ALMTokenizer2Con
     """The frozen experts on segments ``(B, N)`` at 24 kHz: ``(whisper (B, n_len, Dw), wavlm (B, T_w, Dl),
     acoustic, semantic (B, T_b, Db))`` (50, 50, 25, 25 Hz), without gradients."""
     e = config.experts
-    wav16 = resample(segments, 24000, e.logmel.sample_rate, kernel=resample_kernel(variables))
+    rate = e.wavlm.input_sample_rate  # the segments' rate; the shared kernel is WavLM's resampler
+    wav16 = resample(segments, rate, e.logmel.sample_rate, kernel=resample_kernel(variables))
     mel = whisper_log_mel(wav16, e.logmel)
-    whisper = whisper_feature(WhisperEncoder(e.whisper).apply(variables["whisper"], mel), segments.shape[-1])
+    whisper = whisper_feature(WhisperEncoder(e.whisper).apply(variables["whisper"], mel), segments.shape[-1], rate)
     wavlm = WavLMExpert(e.wavlm).apply(variables["wavlm"], segments)
     acoustic, semantic = MusicFM(e.musicfm).apply(variables["musicfm"], segments)
     return jax.lax.stop_gradient((whisper, wavlm, acoustic, semantic))

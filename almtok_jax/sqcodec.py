@@ -2,7 +2,7 @@
 
 Upstream ``models/scalar24k.py`` (``ScalarModel``), spec ``04-sqcodec-training.md`` part A. A waveform at
 ``sample_rate`` is encoded to a ``tanh`` latent of ``latent_hidden_dim`` channels at
-``sample_rate / hop_length`` frames per second (25 Hz for the release); :func:`quantize` maps it to
+``sample_rate / hop_length`` frames per second (25 Hz for the release); :func:`round_latents` maps it to
 ``round(9 z) / 9``; the decoder turns (quantized) latents back into a waveform.
 
 Layouts: every array here is channels-last. Waveforms are ``(B, N, num_bands)`` (``(B, N)`` is accepted on
@@ -13,9 +13,8 @@ Entry points (jit-compiled, ``config`` static, ``params`` = the variables ``{"pa
 
 * :func:`sq_encode` -> the **un-quantized** tanh latent (what upstream ``encode`` returns);
 * :func:`sq_decode` -> waveform; quantizes its input first, no clamp, no output activation;
-* :func:`sq_forward` -> ``decode(encode(wav))``;
-* :func:`sq_forward_trace` -> the reconstruction plus every encoder/decoder list element's output, keyed
-  by the state-dict prefix (``"encoder.3"``, ``"decoder.0"``...).
+* :func:`sq_forward_trace` -> the reconstruction ``decode(encode(wav))`` plus every encoder/decoder list
+  element's output, keyed by the state-dict prefix (``"encoder.3"``, ``"decoder.0"``...).
 
 Lengths (:func:`latent_frames`, :func:`decoded_length`): causal, ``F = ceil(N / hop_length)`` and the
 decoder gives ``F * hop_length`` samples; non-causal strided convs floor, odd-stride transposed convs add a
@@ -52,13 +51,13 @@ from almtok_jax.mapping import (
     canonical_key,
     conv1d,
     conv_transpose1d,
-    flatten,
+    to_vector,
 )
 
 Array = jax.Array
 
 QUANT_LEVELS_PER_UNIT = 9.0  # q(z) = round(9 z) / 9: 19 levels for |z| < 1
-RES_DILATIONS = (1, 3, 5, 7, 9)  # dilations of the five ResidualUnits of every block
+RES_DILATIONS = (1, 3, 5, 7, 9)  # dilations of the five PReLUResidualUnits of every block
 
 
 @dataclass(frozen=True)
@@ -152,20 +151,20 @@ def decoded_length(frames: int, config: SQCodecConfig) -> int:
 # --------------------------------------------------------------------------------------------- quantizer
 
 @jax.custom_vjp
-def quantize(z: Array) -> Array:
+def round_latents(z: Array) -> Array:
     """``round(9 z) / 9`` (round half to even, in ``z``'s dtype, no clamp); straight-through gradient."""
     return jnp.round(z * QUANT_LEVELS_PER_UNIT) / QUANT_LEVELS_PER_UNIT
 
 
-def _quantize_fwd(z: Array) -> tuple[Array, None]:
-    return quantize(z), None
+def _round_latents_fwd(z: Array) -> tuple[Array, None]:
+    return round_latents(z), None
 
 
-def _quantize_bwd(_, cotangent: Array) -> tuple[Array]:
+def _round_latents_bwd(_, cotangent: Array) -> tuple[Array]:
     return (cotangent,)
 
 
-quantize.defvjp(_quantize_fwd, _quantize_bwd)
+round_latents.defvjp(_round_latents_fwd, _round_latents_bwd)
 
 
 # ---------------------------------------------------------------------------------------------- modules
@@ -174,7 +173,7 @@ def _padding(causal: bool) -> str:
     return "causal" if causal else "same_torch"
 
 
-class ResidualUnit(nn.Module):
+class PReLUResidualUnit(nn.Module):
     """``x + PReLU(Conv_1x1(PReLU(Conv_k,dilated(x))))`` at constant channels and length."""
 
     kernel_size: int
@@ -206,7 +205,7 @@ class ResEncoderBlock(nn.Module):
     @nn.compact
     def __call__(self, x: Array, down_slope: Array) -> Array:
         for j, d in enumerate(RES_DILATIONS):
-            x = ResidualUnit(self.res_kernel_size, d, self.causal, name=f"convs_{j}")(x)
+            x = PReLUResidualUnit(self.res_kernel_size, d, self.causal, name=f"convs_{j}")(x)
         x = Conv1d(self.features, self.kernel_size, stride=self.stride, padding=_padding(self.causal),
                    use_weight_norm=True, name="down_conv")(x)
         return prelu(x, down_slope)
@@ -227,7 +226,7 @@ class ResDecoderBlock(nn.Module):
         x = ConvTranspose1d(self.features, k, stride=s, padding=0 if self.causal else (k - s) // 2,
                             trim_right=s if self.causal else 0, use_weight_norm=True, name="up_conv")(x)
         for j, d in enumerate(RES_DILATIONS):
-            x = ResidualUnit(self.res_kernel_size, d, self.causal, name=f"convs_{j}")(x)
+            x = PReLUResidualUnit(self.res_kernel_size, d, self.causal, name=f"convs_{j}")(x)
         return x
 
 
@@ -308,7 +307,7 @@ class SQDecoder(nn.Module):
         n = c.num_stages
         # decoder.0 is non-causal in every configuration: delay_kernel_size // 2 frames of look-ahead.
         x = Conv1d(c.init_channel * 2 ** n, c.delay_kernel_size, padding="same_torch", use_weight_norm=True,
-                   name="layers_0")(quantize(latents))
+                   name="layers_0")(round_latents(latents))
         self.sow("intermediates", "out_0", x)
         for stage, (s, k) in enumerate(zip(c.upsample_factors, c.upsample_kernel_sizes, strict=True)):
             i = stage + 1
@@ -327,7 +326,8 @@ class SQDecoder(nn.Module):
 
 
 class SQCodec(nn.Module):
-    """``ScalarModel``: ``encode`` (tanh latent), ``decode`` (quantize, then decode), ``__call__`` = both."""
+    """``ScalarModel``: ``encode`` (tanh latent), ``decode`` (:func:`round_latents`, then decode), ``__call__``
+    = both."""
 
     config: SQCodecConfig
 
@@ -382,14 +382,9 @@ def sq_decode(params: Mapping, latents: Array, config: SQCodecConfig) -> Array:
 
 
 @partial(jax.jit, static_argnames="config")
-def sq_forward(params: Mapping, wav: Array, config: SQCodecConfig) -> Array:
-    """Reconstruction ``decode(encode(wav))``: ``(B, N[, num_bands]) -> (B, N', num_bands)``."""
-    return SQCodec(config).apply(params, _check_wav(wav, config))
-
-
-@partial(jax.jit, static_argnames="config")
 def sq_forward_trace(params: Mapping, wav: Array, config: SQCodecConfig) -> tuple[Array, dict[str, Array]]:
-    """:func:`sq_forward` plus the output of every ``encoder.{i}`` / ``decoder.{i}`` element (channels-last).
+    """Reconstruction ``decode(encode(wav))`` ``(B, N[, num_bands]) -> (B, N', num_bands)`` and the output of
+    every ``encoder.{i}`` / ``decoder.{i}`` element (channels-last).
 
     ``encoder.{last}`` is the last conv's output before ``tanh``; ``decoder.0`` sees the quantized latent.
     """
@@ -407,7 +402,7 @@ def _wn_conv_rules(source: str, target: str, transposed: bool = False) -> list[R
     """Old-style weight-normed conv ``<source>.{bias, weight_g, weight_v}`` -> ``<target>/...``."""
     return [
         Rule(source + r"\.weight_v", target + "/weight_v", conv_transpose1d if transposed else conv1d),
-        Rule(source + r"\.weight_g", target + "/weight_g", flatten),
+        Rule(source + r"\.weight_g", target + "/weight_g", to_vector),
         Rule(source + r"\.bias", target + "/bias"),
     ]
 

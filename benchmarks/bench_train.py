@@ -5,8 +5,8 @@
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/bench_train.py \
         --config configs/train_tiny.yaml mesh.data=8                      # the real task on 8 CPU devices
 
-Uses the task named by the config's ``model`` (``toy`` or a model preset: the real ALMTokenizer2 loss of
-:mod:`almtok_jax.train.task`) and leaves the input pipeline out (random waveforms), so it measures the
+Uses the task named by the config's ``model`` (``tests.toy_task:toy_task`` or a model preset: the real ALMTokenizer2
+loss of :mod:`almtok_jax.train.task`) and leaves the input pipeline out (random waveforms), so it measures the
 device step only. Prints one JSON line: compile seconds, mean step seconds, steps/s, audio seconds and
 hours per second, peak memory (per device from the allocator where it reports it, else the host process's
 peak RSS), devices, mesh.

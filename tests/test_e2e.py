@@ -67,6 +67,23 @@ def test_default_mode_long_music_keeps_the_input_length(tok):
     assert out.shape == wav.shape and np.all(np.isfinite(out))
 
 
+def test_default_mode_b1_b2_in_the_decoded_output(tok):
+    """Through the real decode loop (3 windows, 1 sampler step): B1, window k's prompt is window k-1's
+    latent frames [222, 286) (2H with H = 111, 64 frames); B2, window k's samples land at k * 213120
+    (H * 1920), so outside the cross-fades the output is that window's own waveform."""
+    codes = np.random.default_rng(0).integers(0, 16, (8, 300))
+    out = tok.decode_clips([codes], steps=1)[0]
+    latents, prompts, wavs, wave = out["latents"], out["prompts"], out["window_wavs"], out["wave"]
+    assert latents.shape[:2] == (3, 300) and prompts.shape[:2] == (2, 64)
+    for k in (1, 2):
+        np.testing.assert_array_equal(prompts[k - 1], latents[k - 1][222:286])
+    hop, overlap = 111 * 1920, 39 * 1920
+    assert wave.shape == (300 * 1920,)
+    np.testing.assert_array_equal(wave[:hop], wavs[0][:hop])
+    np.testing.assert_array_equal(wave[hop + overlap: 2 * hop], wavs[1][overlap:hop])
+    np.testing.assert_array_equal(wave[2 * hop + overlap:], wavs[2][overlap: 300 * 1920 - 2 * hop])
+
+
 def test_single_window_modes_agree(checkpoint, expected):
     """For audio that fits one window both modes give the same codes and waveform (same noise)."""
     wav = expected["in/audio_speech"][0]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,11 +12,10 @@ from conftest import FIXTURES
 
 from almtok_jax.experts.musicfm import (
     MUSICFM,
+    MusicFM,
     MusicFMConfig,
     min_input_length,
-    musicfm_features,
-    musicfm_layer_results,
-    num_frames,
+    num_output_frames,
     trimmed_length,
 )
 from almtok_jax.golden.configs import musicfm_config
@@ -24,6 +25,12 @@ from almtok_jax.mapping import MappingError
 TINY = MusicFMConfig(conv_dim=4, encoder_dim=16, encoder_depth=5, num_heads=2, ffn_dim=32,
                      output_layers=(1, 3))
 FIXTURE = FIXTURES / "experts" / "musicfm_tiny.npz"
+
+
+@functools.partial(jax.jit, static_argnames="config")
+def musicfm_features(variables: dict, wav: jax.Array, config: MusicFMConfig) -> tuple[jax.Array, ...]:
+    """The layer results ALMTokenizer2 reads (acoustic, semantic), applied as ``model.expert_streams`` does."""
+    return MusicFM(config).apply(variables, wav)
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +51,7 @@ def fixture():
 ])
 def test_length_rules(n, kept, frames):
     assert trimmed_length(n, MusicFMConfig()) == kept
-    assert num_frames(n, MusicFMConfig()) == frames
+    assert num_output_frames(n, MusicFMConfig()) == frames
 
 
 @pytest.mark.parametrize("n", [1920, 2879, 3841, 48240])
@@ -96,14 +103,14 @@ def test_missing_needed_block_is_reported(fixture):
 
 
 def test_jit_compiles_once_per_shape(tiny_variables):
-    before = musicfm_layer_results._cache_size()
+    before = musicfm_features._cache_size()
     wav = jax.random.normal(jax.random.PRNGKey(1), (2, 2400)) * 0.1
     for _ in range(3):
         acoustic, semantic = musicfm_features(tiny_variables, wav, TINY)
     assert bool(jnp.all(jnp.isfinite(acoustic)) & jnp.all(jnp.isfinite(semantic)))
-    assert musicfm_layer_results._cache_size() == before + 1
+    assert musicfm_features._cache_size() == before + 1
     musicfm_features(tiny_variables, jnp.zeros((1, 2500), jnp.float32), TINY)
-    assert musicfm_layer_results._cache_size() == before + 2
+    assert musicfm_features._cache_size() == before + 2
 
 
 def test_too_short_input_is_a_clear_error(tiny_variables):

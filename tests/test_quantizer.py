@@ -1,4 +1,4 @@
-"""Query quantizer: interleaving layouts, odd frame counts, public quantize/dequantize, training forward,
+"""Query quantizer: interleaving layouts, odd frame counts, public encode_codes/dequantize, training forward,
 configs, RoPE buffer check, and the optional GPT loss."""
 
 from __future__ import annotations
@@ -23,12 +23,12 @@ from almtok_jax.quantizer import (
     TransformerBlock,
     check_rope_buffers,
     dequantize,
+    encode_codes,
     extract_frames,
     extract_queries,
     gpt_loss,
     interleave_masks,
     interleave_queries,
-    quantize,
     rope_inv_freq,
     train_forward,
 )
@@ -67,22 +67,22 @@ def test_odd_frame_count_release_raises(tiny_variables):
     """The runtime ``compat`` alone decides; the config has no say (it has no compat field)."""
     assert "compat" not in {f.name for f in dataclasses.fields(QuantizerConfig)}
     with pytest.raises(ValueError, match="not a multiple of the query interval"):
-        quantize(tiny_variables, jnp.zeros((1, 5, TINY.dim)), TINY, "release")
+        encode_codes(tiny_variables, jnp.zeros((1, 5, TINY.dim)), TINY, "release")
     with pytest.raises(ValueError, match="not a multiple of the query interval"):
         QueryQuantizer(TINY, compat="release").apply(tiny_variables, jnp.zeros((1, 5, TINY.dim)),
-                                                     method="quantize")
-    codes, _ = quantize(tiny_variables, jnp.zeros((1, 6, TINY.dim)), TINY, "release")
+                                                     method="encode_codes")
+    codes, _ = encode_codes(tiny_variables, jnp.zeros((1, 6, TINY.dim)), TINY, "release")
     assert codes.shape == (1, 3, TINY.rvq.num_quantizers)
     with pytest.raises(ValueError, match="compat"):
-        quantize(tiny_variables, jnp.zeros((1, 6, TINY.dim)), TINY, "strict")
+        encode_codes(tiny_variables, jnp.zeros((1, 6, TINY.dim)), TINY, "strict")
 
 
 def test_odd_frame_count_default_pads_last_frame(tiny_variables):
     x = jax.random.normal(jax.random.key(1), (2, 5, TINY.dim))
-    codes, quantized = quantize(tiny_variables, x, TINY, "default")
+    codes, quantized = encode_codes(tiny_variables, x, TINY, "default")
     assert codes.shape == (2, 3, TINY.rvq.num_quantizers) and quantized.shape == (2, 3, TINY.dim)
     padded = jnp.concatenate([x, x[:, -1:]], axis=1)
-    codes_padded, quantized_padded = quantize(tiny_variables, padded, TINY)
+    codes_padded, quantized_padded = encode_codes(tiny_variables, padded, TINY)
     np.testing.assert_array_equal(np.asarray(codes), np.asarray(codes_padded))
     np.testing.assert_array_equal(np.asarray(quantized), np.asarray(quantized_padded))
     assert dequantize(tiny_variables, codes, TINY).shape == (2, 6, TINY.dim)
@@ -90,18 +90,18 @@ def test_odd_frame_count_default_pads_last_frame(tiny_variables):
 
 def test_quantize_dequantize_compile_once_per_shape(tiny_variables):
     x = jax.random.normal(jax.random.key(2), (2, 8, TINY.dim))
-    q0, d0 = quantize._cache_size(), dequantize._cache_size()
+    q0, d0 = encode_codes._cache_size(), dequantize._cache_size()
     for seed in range(3):
-        codes, _ = quantize(tiny_variables, x + seed, TINY)
+        codes, _ = encode_codes(tiny_variables, x + seed, TINY)
         cond = dequantize(tiny_variables, codes, TINY)
-    assert quantize._cache_size() == q0 + 1 and dequantize._cache_size() == d0 + 1
+    assert encode_codes._cache_size() == q0 + 1 and dequantize._cache_size() == d0 + 1
     assert codes.dtype == jnp.int32 and codes.shape == (2, 4, 2)
     assert cond.shape == (2, 8, TINY.dim) and np.all(np.isfinite(np.asarray(cond)))
 
 
 def test_bad_feature_width_is_a_clear_error(tiny_variables):
     with pytest.raises(ValueError, match=r"\(B, T, 64\)"):
-        quantize(tiny_variables, jnp.zeros((1, 4, 7)), TINY)
+        encode_codes(tiny_variables, jnp.zeros((1, 4, 7)), TINY)
 
 
 def test_train_forward_updates_codebook_and_is_differentiable(tiny_variables):

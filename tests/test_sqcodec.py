@@ -20,10 +20,11 @@ from almtok_jax.sqcodec import (
     SQCodecConfig,
     decoded_length,
     latent_frames,
-    quantize,
+    round_latents,
     sq_decode,
     sq_encode,
 )
+from almtok_jax.torch_io import load_state_dict
 
 CAUSAL_FIXTURE = FIXTURES / "core" / "sqcodec_causal.npz"
 RELEASE = FIXTURES / "release_tiny"
@@ -64,7 +65,7 @@ def _shapes(config: SQCodecConfig, batch: int, samples: int) -> tuple[tuple, tup
 
 def test_quantize_round_half_even_no_clamp():
     z = jnp.array([0.5, 1.5, -0.5, -1.5, 2.5, 0.1, -0.98], jnp.float32)  # 9z = 4.5, 13.5, ... exactly
-    q = np.asarray(quantize(z))
+    q = np.asarray(round_latents(z))
     want = np.array([4, 14, -4, -14, 22, 1, -9], np.float32) / np.float32(9)
     np.testing.assert_array_equal(q, want)
     np.testing.assert_array_equal(q, np.round(np.asarray(z) * np.float32(9)) / np.float32(9))
@@ -73,7 +74,7 @@ def test_quantize_round_half_even_no_clamp():
 def test_quantize_gradient_is_identity():
     z = jnp.linspace(-1.3, 1.3, 11, dtype=jnp.float32)
     w = jnp.arange(11, dtype=jnp.float32)
-    grad = jax.grad(lambda x: jnp.sum(quantize(x) * w))(z)
+    grad = jax.grad(lambda x: jnp.sum(round_latents(x) * w))(z)
     np.testing.assert_array_equal(np.asarray(grad), np.asarray(w))
 
 
@@ -178,9 +179,8 @@ def test_encode_decode_compile_once_per_shape():
 
 
 def test_release_tiny_sqcodec_loads_and_decodes():
-    torch_io = pytest.importorskip("almtok_jax.torch_io")
     config = read_sq_config(RELEASE / "sq_config.yaml")
-    sd = torch_io.load_state_dict(RELEASE / "sqcodec.pth", select="codec_model")
+    sd = load_state_dict(RELEASE / "sqcodec.pth", select="codec_model")
     assert len(sd) == 447
     variables = SQCODEC.load(sd, config, source="sqcodec.pth")
     with np.load(RELEASE / "expected.npz") as z:

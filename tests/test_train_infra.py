@@ -15,21 +15,25 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import soundfile as sf
+from toy_task import toy_task
 
 from almtok_jax.train.checkpoint import load_model_dir, save_model_dir
 from almtok_jax.train.config import DataConfig, OptimizerConfig, ScheduleConfig, TrainConfig
 from almtok_jax.train.data import make_loader
 from almtok_jax.train.sharding import leaf_spec
 from almtok_jax.train.state import (
+    Task,
+    build_task,
     decay_mask,
     init_train_state,
+    is_task_reference,
     make_optimizer,
     make_schedule,
     make_train_step,
     path_names,
-    toy_task,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -117,3 +121,56 @@ def test_model_dir_roundtrip(tmp_path):
         save_model_dir(target, variables, "model: toy\n")
     save_model_dir(target, {"trainable": {"b": np.zeros(4)}}, "model: toy\n", force=True)
     assert np.all(load_model_dir(target)[0]["trainable"]["b"] == 0)
+
+
+def _regression_task() -> Task:
+    """A loss that is a mean of per-row terms (``mean_b |x_b w - y_b|^2``), no extra state, rng unused."""
+    def init_fn(rng, batch):
+        return {"w": jax.random.normal(rng, (batch["wav"].shape[1], 3))}, {}, {}
+
+    def loss_fn(trainable, frozen, extra, batch, rng):
+        target = jnp.stack([batch["wav"].sum(1), batch["wav"][:, 0], jnp.cos(batch["wav"][:, 1])], axis=1)
+        err = jnp.mean(jnp.square(batch["wav"] @ trainable["w"] - target), axis=1)
+        return jnp.mean(err), ({"loss_fit": jnp.mean(err)}, extra)
+
+    return Task(init_fn=init_fn, loss_fn=loss_fn)
+
+
+@pytest.mark.parametrize("accum", [2, 4])
+def test_gradient_accumulation_equals_full_batch_step(accum):
+    """With a per-row mean loss, ``grad_accum`` micro-batches (gradients and metrics averaged) give the
+    same update as one step on the whole batch. The comparison uses plain SGD (``optax.identity``, no clip)
+    so the new weights are ``w - lr * grad`` and any gradient difference shows. Losses normalised over the
+    whole batch (the toy's reconstruction MSE over mean power, the flow loss's sum of weights) or extra
+    state updated per micro-batch (EMA codebooks) are not batch-size invariant, so for them accumulation
+    is an average of micro-batch steps, not the full-batch step."""
+    task = _regression_task()
+    wav = jax.random.normal(jax.random.key(3), (8, 5))
+    batch = {"wav": wav, "length": jnp.full((8,), 5, jnp.int32)}
+    schedule = make_schedule(ScheduleConfig(kind="constant", warmup_steps=0), 0.1, 10, 0)
+
+    def one_step(grad_accum: int):
+        config = TrainConfig(optimizer=OptimizerConfig(learning_rate=0.1, grad_accum=grad_accum, clip_norm=0.0))
+        state, frozen = init_train_state(task, optax.identity(), 0, batch)
+        return state, jax.jit(make_train_step(task, optax.identity(), schedule, config))(state, frozen, batch)
+
+    start, (full, full_metrics) = one_step(1)
+    _, (accumulated, acc_metrics) = one_step(accum)
+    # The expected gradient from its closed form, independent of the step: d/dw mean_b mean_o (x_b w - y)^2.
+    x, w = np.asarray(wav, np.float64), np.asarray(start.trainable["w"], np.float64)
+    y = np.stack([x.sum(1), x[:, 0], np.cos(x[:, 1])], axis=1)
+    grad = 2 * x.T @ (x @ w - y) / (x.shape[0] * y.shape[1])
+    np.testing.assert_allclose(np.asarray(full.trainable["w"]), w - 0.1 * grad, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(accumulated.trainable["w"]), np.asarray(full.trainable["w"]),
+                               rtol=1e-6, atol=1e-6)
+    for key in ("loss", "loss_fit", "grad_norm"):
+        np.testing.assert_allclose(float(acc_metrics[key]), float(full_metrics[key]), rtol=1e-6)
+    assert set(full_metrics) >= {"loss", "loss_fit", "grad_norm", "lr", "skipped"}
+    assert not {"loss_flow", "loss_commit", "loss_phone"} & set(full_metrics)  # no names of another task
+
+
+def test_build_task_takes_a_task_or_a_factory_name():
+    task = _regression_task()
+    assert build_task(task, TrainConfig()) is task
+    assert is_task_reference("tests.toy_task:toy_task") and not is_task_reference("configs/tiny_release.yaml")
+    assert isinstance(build_task("toy_task:toy_task", TrainConfig()), Task)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+from almtok_jax.config import ExpertsConfig
 from almtok_jax.experts.fusion import ExpertFusion, FusionConfig, fusion_lengths, fusion_rules
 from almtok_jax.experts.whisper import (
     WhisperConfig,
@@ -148,7 +149,7 @@ def test_fusion_length_rules():
     (288240, 300, 600, 600, True), (480240, 500, 1000, 1000, True), (288000, 300, 600, 600, True),
     (288500, 300, 601, 601, True), (288959, 300, 602, 601, False), (720240, 750, 1500, 1500, True)])
 def test_fusion_lengths_table(n, bestrq, wavlm, n_len, ok):
-    lengths = fusion_lengths(n)
+    lengths = fusion_lengths(n, ExpertsConfig())
     assert (lengths.bestrq, lengths.wavlm, lengths.n_len, lengths.release_ok) == (bestrq, wavlm, n_len, ok)
     assert lengths.fused == min(wavlm // 2, bestrq, n_len // 2)
 

@@ -18,20 +18,26 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from almtok_jax import mapping
-from almtok_jax.audio import resampled_length
 from almtok_jax.compat import Compat, check_compat
 from almtok_jax.component import Component, KeyShapes, ReleaseFiles, shape_of, shapes
-from almtok_jax.experts.whisper import whisper_n_len
+from almtok_jax.experts.musicfm import num_output_frames as musicfm_frames
+from almtok_jax.experts.wavlm import num_output_frames as wavlm_frames
+from almtok_jax.experts.whisper import whisper_frame_rate, whisper_n_len
 from almtok_jax.layers import Conv1d, Linear
 from almtok_jax.mapping import Rule
 
+if TYPE_CHECKING:
+    from almtok_jax.config import ExpertsConfig
+
 Array = jax.Array
+DOWNSAMPLE = 2  # kernel and stride of d_conv_whisper / d_conv_wavlm (50 Hz -> 25 Hz)
 
 @dataclass(frozen=True)
 class FusionConfig:
@@ -63,16 +69,19 @@ class FusionLengths:
         return min(self.phone, self.bestrq, self.whisper)
 
 
-def fusion_lengths(num_samples: int, sample_rate: int = 24000) -> FusionLengths:
-    """Stream lengths of a ``num_samples`` segment at 24 kHz (spec §6.2).
+def fusion_lengths(num_samples: int, experts: ExpertsConfig) -> FusionLengths:
+    """Stream lengths of a ``num_samples`` segment (spec §6.2), each from the expert that produces it.
 
-    ``T_b = N // 960``; ``T_w = (ceil(2N/3) + 160 - 400) // 320 + 1`` (WavLM on 16 kHz + 160 zeros);
-    ``n_len = int(N / 24000 * 50)`` capped at 1500; ``phone = T_w // 2``; ``whisper = n_len // 2``.
+    ``bestrq`` = :func:`~almtok_jax.experts.musicfm.num_output_frames`, ``wavlm`` =
+    :func:`~almtok_jax.experts.wavlm.num_output_frames`, ``n_len`` = :func:`whisper_n_len` at the log-mel's
+    encoder frame rate; ``phone = wavlm // 2`` and ``whisper = n_len // 2`` (the two ``k2 s2`` convs). For
+    the release: ``N // 960``, ``(ceil(2N/3) + 160 - 400) // 320 + 1``, ``int(N / 24000 * 50)`` <= 1500.
     """
-    bestrq = num_samples // 960
-    wavlm = max((resampled_length(num_samples, sample_rate, 16000) + 160 - 400) // 320 + 1, 0)
-    n_len = whisper_n_len(num_samples, sample_rate)
-    return FusionLengths(bestrq, wavlm, wavlm // 2, n_len, n_len // 2)
+    bestrq = musicfm_frames(num_samples, experts.musicfm)
+    wavlm = wavlm_frames(num_samples, experts.wavlm)
+    n_len = whisper_n_len(num_samples, experts.wavlm.input_sample_rate, whisper_frame_rate(experts.logmel),
+                          experts.whisper.max_source_positions)
+    return FusionLengths(bestrq, wavlm, wavlm // DOWNSAMPLE, n_len, n_len // DOWNSAMPLE)
 
 
 class ExpertFusion(nn.Module):
@@ -86,8 +95,8 @@ class ExpertFusion(nn.Module):
         """``whisper (B, n_len, Dw)``, ``wavlm (B, T_w, Dl)``, ``bestrq_* (B, T_b, Db)`` -> ``(B, T, D)``."""
         c = self.config
         check_compat(self.compat)
-        whisper_ds = Conv1d(c.whisper_dim, 2, stride=2, name="d_conv_whisper")(whisper)
-        wavlm_ds = Conv1d(c.wavlm_dim, 2, stride=2, name="d_conv_wavlm")(wavlm)
+        whisper_ds = Conv1d(c.whisper_dim, DOWNSAMPLE, stride=DOWNSAMPLE, name="d_conv_whisper")(whisper)
+        wavlm_ds = Conv1d(c.wavlm_dim, DOWNSAMPLE, stride=DOWNSAMPLE, name="d_conv_wavlm")(wavlm)
         t_phone, t_bestrq, t_whisper = wavlm_ds.shape[1], bestrq_semantic.shape[1], whisper_ds.shape[1]
         if bestrq_acoustic.shape[1] != t_bestrq:
             raise ValueError(f"BEST-RQ acoustic ({bestrq_acoustic.shape[1]}) and semantic ({t_bestrq}) "

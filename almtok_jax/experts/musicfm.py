@@ -13,7 +13,6 @@ Only the blocks up to the last requested layer are built (and loaded), run with 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import re
 from dataclasses import dataclass
 
@@ -22,9 +21,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from almtok_jax.audio import SAMPLE_RATE
+from almtok_jax.audio import SAMPLE_RATE, hann_window, mel_filters
 from almtok_jax.component import Component, DeriveError, KeyShapes, ReleaseFiles, layer_indices, shape_of, shapes
-from almtok_jax.layers import Conv1d, LayerNorm, Linear, dot_product_attention
+from almtok_jax.layers import (
+    Conv1d,
+    LayerNorm,
+    Linear,
+    apply_rotary,
+    dot_product_attention,
+    rotary_inv_freq,
+    rotary_tables,
+)
 from almtok_jax.mapping import Rule, conv1d, conv2d, identity, linear, pointwise_conv
 
 Array = jax.Array
@@ -92,7 +99,7 @@ def trimmed_length(n: int, config: MusicFMConfig) -> int:
     return n // config.samples_per_frame * config.samples_per_frame
 
 
-def num_frames(n: int, config: MusicFMConfig) -> int:
+def num_output_frames(n: int, config: MusicFMConfig) -> int:
     """25 Hz output frames for an ``n``-sample input: ``floor(n/960)``."""
     return n // config.samples_per_frame
 
@@ -103,7 +110,7 @@ def min_input_length(config: MusicFMConfig) -> int:
     return (config.n_fft // 2 // spf + 1) * spf
 
 
-def check_input(wav: Array, config: MusicFMConfig) -> None:
+def check_musicfm_input(wav: Array, config: MusicFMConfig) -> None:
     """Raise a ``ValueError`` naming the problem if ``wav`` is not a usable ``(B, N)`` 24 kHz batch."""
     if wav.ndim != 2:
         raise ValueError(f"MusicFM expects mono audio of shape (B, N) at {config.sample_rate} Hz, "
@@ -112,29 +119,6 @@ def check_input(wav: Array, config: MusicFMConfig) -> None:
     if n < shortest:
         raise ValueError(f"MusicFM input too short: {n} samples; needs at least {shortest} samples "
                          f"({shortest / config.sample_rate * 1000:.0f} ms at {config.sample_rate} Hz)")
-
-
-def _hann_window(n_fft: int) -> np.ndarray:
-    """Periodic Hann window (torch.hann_window default)."""
-    return (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n_fft) / n_fft)).astype(np.float32)
-
-
-def _htk_filter_bank(config: MusicFMConfig) -> np.ndarray:
-    """HTK mel filter bank without area normalisation, ``(n_fft//2 + 1, n_mels)`` (torchaudio's recipe).
-
-    Only the initial value of a fresh model; converted checkpoints bring the reference's float32 buffer.
-    """
-    def hz_to_mel(f):
-        return 2595.0 * np.log10(1.0 + f / 700.0)
-
-    freqs = np.linspace(0.0, config.sample_rate // 2, config.n_fft // 2 + 1)
-    mels = np.linspace(hz_to_mel(config.f_min), hz_to_mel(config.f_max), config.n_mels + 2)
-    corners = 700.0 * (10.0 ** (mels / 2595.0) - 1.0)
-    widths = np.diff(corners)
-    slopes = corners[None, :] - freqs[:, None]
-    rising = -slopes[:, :-2] / widths[:-1]
-    falling = slopes[:, 2:] / widths[1:]
-    return np.maximum(0.0, np.minimum(rising, falling)).astype(np.float32)
 
 
 class MelFrontEnd(nn.Module):
@@ -149,8 +133,9 @@ class MelFrontEnd(nn.Module):
     @nn.compact
     def __call__(self, wav: Array) -> Array:
         c = self.config
-        window = self.variable("buffers", "window", lambda: jnp.asarray(_hann_window(c.n_fft))).value
-        fb = self.variable("buffers", "fb", lambda: jnp.asarray(_htk_filter_bank(c))).value
+        window = self.variable("buffers", "window", lambda: jnp.asarray(hann_window(c.n_fft))).value
+        fb = self.variable("buffers", "fb", lambda: jnp.asarray(mel_filters(
+            c.sample_rate, c.n_fft, c.n_mels, c.f_min, c.f_max, scale="htk", norm=None))).value
         half = c.n_fft // 2
         padded = jnp.pad(wav.astype(jnp.float32), ((0, 0), (half, half)), mode="reflect")
         n_frames = wav.shape[1] // c.hop_length
@@ -204,21 +189,7 @@ class Conv2dSubsampling(nn.Module):
         return Linear(c.encoder_dim, name="linear")(flat), x
 
 
-def rotary_tables(inv_freq: Array, length: int) -> tuple[Array, Array]:
-    """float32 ``cos``/``sin`` of ``t*inv_freq`` (duplicated to the head dim): ``(length, head_dim)`` each."""
-    angles = jnp.arange(length, dtype=jnp.float32)[:, None] * inv_freq.astype(jnp.float32)[None, :]
-    angles = jnp.concatenate([angles, angles], axis=-1)
-    return jnp.cos(angles), jnp.sin(angles)
-
-
-def apply_rotary(h: Array, cos: Array, sin: Array) -> Array:
-    """Rotate ``h (B, T, H, hd)`` per head: ``h*cos + concat(-h[hd/2:], h[:hd/2])*sin``."""
-    half = h.shape[-1] // 2
-    rotated = jnp.concatenate([-h[..., half:], h[..., :half]], axis=-1)
-    return h * cos[None, :, None, :] + rotated * sin[None, :, None, :]
-
-
-class FeedForward(nn.Module):
+class ConformerFeedForward(nn.Module):
     """Linear -> SiLU -> Linear."""
 
     config: MusicFMConfig
@@ -267,7 +238,11 @@ class ConvModule(nn.Module):
 
 
 class ConformerBlock(nn.Module):
-    """Macaron conformer block ``(B, T, D) -> (B, T, D)``; returns ``(y, y)`` so it can be scanned."""
+    """Macaron conformer block ``(B, T, D) -> (B, T, D)``.
+
+    Scan body: ``(x, cos, sin) -> (x, x)``; the rotary tables are shared (broadcast), the output is kept
+    per layer (a layer result).
+    """
 
     config: MusicFMConfig
 
@@ -278,10 +253,10 @@ class ConformerBlock(nn.Module):
         def norm(name):
             return LayerNorm(c.layer_norm_eps, name=name)
 
-        x = x + 0.5 * FeedForward(c, name="ffn1")(norm("ffn1_layer_norm")(x))
+        x = x + 0.5 * ConformerFeedForward(c, name="ffn1")(norm("ffn1_layer_norm")(x))
         x = x + RotarySelfAttention(c, name="self_attn")(norm("self_attn_layer_norm")(x), cos, sin)
         x = x + ConvModule(c, name="conv_module")(x)
-        x = x + 0.5 * FeedForward(c, name="ffn2")(norm("ffn2_layer_norm")(x))
+        x = x + 0.5 * ConformerFeedForward(c, name="ffn2")(norm("ffn2_layer_norm")(x))
         x = norm("final_layer_norm")(x)
         return x, x
 
@@ -298,8 +273,8 @@ class Conformer(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         c = self.config
-        inv_freq = self.variable("buffers", "inv_freq", lambda: jnp.asarray(
-            1.0 / c.rotary_base ** (np.arange(0, c.head_dim, 2) / c.head_dim), jnp.float32)).value
+        inv_freq = self.variable("buffers", "inv_freq",
+                                 lambda: jnp.asarray(rotary_inv_freq(c.head_dim, c.rotary_base))).value
         cos, sin = rotary_tables(inv_freq, x.shape[1])
         results = [x[None]]
         if c.num_blocks:
@@ -325,7 +300,7 @@ class MusicFM(nn.Module):
     @nn.compact
     def __call__(self, wav: Array) -> tuple[Array, ...]:
         c = self.config
-        check_input(wav, c)
+        check_musicfm_input(wav, c)
         wav = wav[:, : trimmed_length(wav.shape[1], c)]
         mel_db = MelFrontEnd(c, name="mel_stft")(wav)
         mel_norm = (mel_db - c.mel_mean) / c.mel_std
@@ -399,24 +374,6 @@ def musicfm_rules(config: MusicFMConfig) -> list[Rule]:
         Rule(r"cls_token", None),
     ]
     return rules
-
-
-@functools.partial(jax.jit, static_argnames="config")
-def musicfm_layer_results(variables: dict, wav: Array, config: MusicFMConfig) -> tuple[Array, ...]:
-    """24 kHz audio ``(B, N)`` -> one ``(B, floor(N/960), encoder_dim)`` array per output layer."""
-    return MusicFM(config).apply(variables, wav)
-
-
-def musicfm_features(variables: dict, wav: Array, config: MusicFMConfig) -> tuple[Array, Array]:
-    """ALMTokenizer2's BEST-RQ features: ``(acoustic, semantic)``, each ``(B, floor(N/960), D)`` at 25 Hz.
-
-    ``acoustic`` is layer result ``output_layers[0]`` (4), ``semantic`` ``output_layers[1]`` (11).
-    """
-    if len(config.output_layers) != 2:
-        raise ValueError(f"musicfm_features needs two output_layers (acoustic, semantic), "
-                         f"got {config.output_layers}")
-    acoustic, semantic = musicfm_layer_results(variables, wav, config)
-    return acoustic, semantic
 
 
 def with_output_layers(config: MusicFMConfig, layers: tuple[int, ...]) -> MusicFMConfig:

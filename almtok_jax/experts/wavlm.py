@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from almtok_jax import layers
 from almtok_jax.audio import SAMPLE_RATE, Resampler, resampled_length, resampler_rules
 from almtok_jax.component import Component, DeriveError, KeyShapes, ReleaseFiles, layer_indices, shape_of, shapes
-from almtok_jax.mapping import Rule, conv1d, flatten, identity, linear, prefixed
+from almtok_jax.mapping import Rule, conv1d, identity, linear, prefixed, to_vector
 
 Array = jax.Array
 
@@ -73,7 +73,7 @@ class WavLMConfig:
         return self.feature_layers[1] - 1
 
 
-def num_frames(num_samples_16k: int, config: WavLMConfig) -> int:
+def feature_encoder_frames(num_samples_16k: int, config: WavLMConfig) -> int:
     """Frames of the conv feature encoder for ``num_samples_16k`` (padded) samples; 0 if too short."""
     length = num_samples_16k
     for k, s in zip(config.conv_kernel, config.conv_stride, strict=True):
@@ -86,7 +86,7 @@ def num_frames(num_samples_16k: int, config: WavLMConfig) -> int:
 def num_output_frames(num_samples: int, config: WavLMConfig) -> int:
     """``T_w`` for a 24 kHz segment of ``num_samples``: ``floor((ceil(2N/3) + 160 - 400) / 320) + 1``."""
     resampled = resampled_length(num_samples, config.input_sample_rate, config.sample_rate)
-    return num_frames(resampled + config.pad_samples, config)
+    return feature_encoder_frames(resampled + config.pad_samples, config)
 
 
 def relative_position_bucket(relative_position: Array, num_buckets: int, max_distance: int) -> Array:
@@ -136,8 +136,8 @@ class FeatureEncoder(nn.Module):
 class WavLMLayer(nn.Module):
     """Post-LN transformer layer with the gated relative position bias.
 
-    ``x (B, T, D)``, ``position_bias (H, T, T)`` (ungated, shared by all layers) -> ``(B, T, D)``, returned
-    twice (scan carry and the layer's ``hidden_states`` entry).
+    Scan body: ``(x (B, T, D), position_bias (H, T, T)) -> (x, x)``; the bias (ungated) is shared by all
+    layers (broadcast), the output is kept per layer as its ``hidden_states`` entry.
     """
 
     config: WavLMConfig
@@ -242,13 +242,13 @@ def wavlm_rules(config: WavLMConfig) -> list[Rule]:
         Rule(r"feature_projection\.layer_norm\.bias", "params/feature_layer_norm/bias"),
         Rule(r"feature_projection\.projection\.weight", "params/feature_projection/kernel", linear),
         Rule(r"feature_projection\.projection\.bias", "params/feature_projection/bias"),
-        Rule(r"encoder\.pos_conv_embed\.conv\.weight_g", "params/encoder/pos_conv/weight_g", flatten),
+        Rule(r"encoder\.pos_conv_embed\.conv\.weight_g", "params/encoder/pos_conv/weight_g", to_vector),
         Rule(r"encoder\.pos_conv_embed\.conv\.weight_v", "params/encoder/pos_conv/weight_v", conv1d),
         Rule(r"encoder\.pos_conv_embed\.conv\.bias", "params/encoder/pos_conv/bias"),
         Rule(r"encoder\.layer_norm\.weight", "params/encoder/layer_norm/scale"),
         Rule(r"encoder\.layer_norm\.bias", "params/encoder/layer_norm/bias"),
         Rule(r"encoder\.layers\.0\.attention\.rel_attn_embed\.weight", "params/encoder/rel_attn_embed"),
-        Rule(layer + r"attention\.gru_rel_pos_const", out + "gru_rel_pos_const", flatten, stack="i"),
+        Rule(layer + r"attention\.gru_rel_pos_const", out + "gru_rel_pos_const", to_vector, stack="i"),
         Rule(layer + r"attention\.(?P<m>[qkv]_proj|out_proj|gru_rel_pos_linear)\.weight", out + "{m}/kernel",
              linear, stack="i"),
         Rule(layer + r"attention\.(?P<m>[qkv]_proj|out_proj|gru_rel_pos_linear)\.bias", out + "{m}/bias",
@@ -285,7 +285,7 @@ def min_input_samples(config: WavLMConfig) -> int:
     return (need_16k - 1) * config.input_sample_rate // config.sample_rate + 1
 
 
-def check_input(wav24k: Array, config: WavLMConfig) -> None:
+def check_wavlm_input(wav24k: Array, config: WavLMConfig) -> None:
     """Raise ``ValueError`` unless ``wav24k`` is ``(B, N)`` with N long enough for one WavLM frame."""
     if wav24k.ndim != 2:
         raise ValueError(f"WavLM expects 24 kHz audio of shape (B, N), got shape {tuple(wav24k.shape)}")
@@ -307,7 +307,7 @@ class WavLMExpert(nn.Module):
     @nn.compact
     def __call__(self, wav24k: Array) -> Array:
         cfg = self.config
-        check_input(wav24k, cfg)
+        check_wavlm_input(wav24k, cfg)
         wav16k = Resampler(cfg.input_sample_rate, cfg.sample_rate, name="wavlm_transfer")(wav24k)
         wav16k = jnp.pad(wav16k, ((0, 0), (0, cfg.pad_samples)))
         self.sow("intermediates", "wav16k_padded", wav16k)

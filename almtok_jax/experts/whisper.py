@@ -8,6 +8,7 @@ keeps the first ``n_len = int(N / 24000 * 50)`` frames (:func:`whisper_n_len`, :
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import flax.linen as nn
@@ -16,11 +17,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from almtok_jax import mapping
+from almtok_jax.audio import LogMelConfig
 from almtok_jax.component import WHISPER_CONFIG, Component, KeyShapes, ReleaseFiles, layer_indices, shape_of, shapes
 from almtok_jax.layers import Conv1d, LayerNorm, Linear, dot_product_attention, gelu_exact
 from almtok_jax.mapping import Rule
 
 Array = jax.Array
+STEM_STRIDE = 2  # stride of the stem's conv2: log-mel frames per encoder frame
 
 
 @dataclass(frozen=True)
@@ -42,7 +45,7 @@ class WhisperConfig:
     @property
     def num_mel_frames(self) -> int:
         """The only accepted input length: the conv stem halves it onto the full position table."""
-        return 2 * self.max_source_positions
+        return STEM_STRIDE * self.max_source_positions
 
 
 def sinusoid_positions(length: int, channels: int, max_timescale: float = 10000.0) -> np.ndarray:
@@ -71,13 +74,16 @@ class WhisperAttention(nn.Module):
 
 
 class WhisperEncoderLayer(nn.Module):
-    """Pre-LN block ``x += attn(LN(x)); x += fc2(GELU(fc1(LN(x))))``; scan body (returns its output as y)."""
+    """Pre-LN block ``x += attn(LN(x)); x += fc2(GELU(fc1(LN(x))))``.
+
+    Scan body: ``x -> (x, x if collect else None)`` (the per-layer output only when it is collected).
+    """
 
     config: WhisperConfig
     collect: bool = False
 
     @nn.compact
-    def __call__(self, x: Array, _: None = None) -> tuple[Array, Array | None]:
+    def __call__(self, x: Array) -> tuple[Array, Array | None]:
         c = self.config
         h = LayerNorm(c.layer_norm_eps, name="self_attn_layer_norm")(x)
         x = x + WhisperAttention(c, name="self_attn")(h)
@@ -103,17 +109,22 @@ class WhisperEncoder(nn.Module):
             raise ValueError(f"Whisper encoder expects a log-mel of shape (B, {c.num_mel_frames}, "
                              f"{c.num_mel_bins}) (30 s, channels-last), got {mel.shape}")
         x = gelu_exact(Conv1d(c.d_model, 3, padding=1, name="conv1")(mel))
-        x = gelu_exact(Conv1d(c.d_model, 3, stride=2, padding=1, name="conv2")(x))
+        x = gelu_exact(Conv1d(c.d_model, 3, stride=STEM_STRIDE, padding=1, name="conv2")(x))
         positions = self.param("embed_positions", lambda _: jnp.asarray(
             sinusoid_positions(c.max_source_positions, c.d_model)))
         x = x + positions
         layers = nn.scan(WhisperEncoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
                          length=c.encoder_layers)
-        h, per_layer = layers(c, collect=output_hidden_states, name="layers")(x, None)
+        h, per_layer = layers(c, collect=output_hidden_states, name="layers")(x)
         last = LayerNorm(c.layer_norm_eps, name="layer_norm")(h)
         if not output_hidden_states:
             return last
         return last, jnp.concatenate([x[None], per_layer[:-1], last[None]], axis=0)
+
+
+def whisper_frame_rate(logmel: LogMelConfig) -> float:
+    """Encoder frames per second: the log-mel rate over the stem stride (16000 / 160 / 2 = 50 Hz)."""
+    return logmel.sample_rate / logmel.hop_length / STEM_STRIDE
 
 
 def whisper_n_len(num_samples: int, sample_rate: int = 24000, frame_rate: int = 50,
@@ -158,10 +169,16 @@ def whisper_rules(config: WhisperConfig) -> list[Rule]:
     return rules
 
 
+def config_from_hf(hf: Mapping, layer_norm_eps: float) -> WhisperConfig:
+    """From a Hugging Face ``WhisperConfig`` dict (``whisper-medium/config.json``; decoder fields unused)."""
+    return WhisperConfig(hf["d_model"], hf["encoder_layers"], hf["encoder_attention_heads"], hf["encoder_ffn_dim"],
+                         hf["num_mel_bins"], hf["max_source_positions"], layer_norm_eps)
+
+
 def derive_whisper(key_shapes: KeyShapes, base: WhisperConfig, files: ReleaseFiles) -> WhisperConfig:
     """From ``whisper-medium/config.json``; without it, sizes from the keys and the head size of ``base``."""
     if WHISPER_CONFIG in files:
-        return WhisperConfig.from_hf_config(files[WHISPER_CONFIG], base.layer_norm_eps)
+        return config_from_hf(files[WHISPER_CONFIG], base.layer_norm_eps)
     d_model, num_mel_bins, _ = shape_of(key_shapes, "conv1.weight", "whisper")
     return dataclasses.replace(
         base, d_model=d_model, num_mel_bins=num_mel_bins, encoder_layers=len(layer_indices(key_shapes, "layers.")),

@@ -62,6 +62,9 @@ def estimator_input(x: Array, prompt: Array, cond: Array) -> Array:
     return jnp.concatenate([x, prompt, cond], axis=-1)
 
 
+SIGMA_MIN = 1e-4  # σ, the flow path's noise floor: one value for training and sampling (spec 03)
+
+
 # ------------------------------------------------------------------------------------------------ loss
 
 SIGMA_MIN = 1e-4  # noise floor of the CFM path; the loss and the sampler must use the same one (spec 03, notation)

@@ -17,7 +17,7 @@ from almtok_jax.audio import LogMelConfig
 from almtok_jax.config import from_dict
 from almtok_jax.experts.musicfm import MusicFMConfig
 from almtok_jax.experts.wavlm import WavLMConfig
-from almtok_jax.experts.whisper import WhisperConfig
+from almtok_jax.experts.whisper import WhisperConfig, config_from_hf
 from almtok_jax.flow.cfm import FlowLossConfig
 from almtok_jax.flow.dit import DiTConfig
 from almtok_jax.quantizer import BlockConfig, PronunciationConfig, QuantizerConfig, RVQConfig
@@ -30,15 +30,9 @@ def logmel_config(config: Mapping) -> LogMelConfig:
     return LogMelConfig(fe["sampling_rate"], fe["n_fft"], fe["hop_length"], fe["feature_size"], fe["chunk_length"])
 
 
-def whisper_config(hf: Mapping, layer_norm_eps: float = 1e-5) -> WhisperConfig:
-    """From a Hugging Face ``WhisperConfig`` dict."""
-    return WhisperConfig(hf["d_model"], hf["encoder_layers"], hf["encoder_attention_heads"], hf["encoder_ffn_dim"],
-                         hf["num_mel_bins"], hf["max_source_positions"], layer_norm_eps)
-
-
 def whisper_fixture_config(config: Mapping) -> WhisperConfig:
     """From a ``whisper_encoder`` fixture's ``meta["config"]``."""
-    return whisper_config(config["whisper_model"], config.get("layer_norm_eps", 1e-5))
+    return config_from_hf(config["whisper_model"], config.get("layer_norm_eps", 1e-5))
 
 
 def wavlm_config(hf: Mapping, **overrides: Any) -> WavLMConfig:

@@ -8,7 +8,7 @@ from almtok_jax.golden.configs import sqcodec_config
 from almtok_jax.golden.runner import Fixture
 from almtok_jax.sqcodec import (
     SQCODEC,
-    quantize,
+    round_latents,
     sq_decode,
     sq_forward_trace,
 )
@@ -38,7 +38,7 @@ def sqcodec(fx: Fixture) -> dict[str, np.ndarray]:
         forward, traces = sq_forward_trace(variables, _to_jax(fx.inputs[f"wav_{t}"]), config)
         latent = np.tanh(np.asarray(traces[last_encoder]))
         out[f"latent_{t}"] = _to_fixture(latent)
-        out[f"latent_q_{t}"] = _to_fixture(quantize(latent))
+        out[f"latent_q_{t}"] = _to_fixture(round_latents(latent))
         out[f"decode_{t}"] = out[f"forward_{t}"] = _to_fixture(forward)
         if f"zrand_{t}" in fx.inputs:
             zrand = _to_jax(fx.inputs[f"zrand_{t}"])

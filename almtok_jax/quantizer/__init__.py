@@ -11,11 +11,11 @@ from almtok_jax.quantizer.query import (
     QuantizerConfig,
     QueryQuantizer,
     dequantize,
+    encode_codes,
     extract_frames,
     extract_queries,
     interleave_masks,
     interleave_queries,
-    quantize,
     quantizer_rules,
     train_forward,
 )
@@ -32,8 +32,8 @@ from almtok_jax.quantizer.transformer import (
 __all__ = [
     "BlockConfig", "CodePredictor", "GPTLossConfig", "PronunciationConfig", "PronunciationDecoder",
     "QuantizerConfig", "QueryQuantizer", "RVQConfig", "ResidualVQ", "TransformerBlock", "TransformerStack",
-    "check_rope_buffers", "dequantize", "extract_frames", "extract_queries", "gpt_loss",
+    "check_rope_buffers", "dequantize", "encode_codes", "extract_frames", "extract_queries", "gpt_loss",
     "interleave_masks", "interleave_queries", "next_code_loss", "phone_loss",
-    "pronunciation_rules", "quantize", "quantizer_rules", "rope_inv_freq", "rotation_trick", "rvq_rules",
+    "pronunciation_rules", "quantizer_rules", "rope_inv_freq", "rotation_trick", "rvq_rules",
     "train_forward", "transformer_stack_rules",
 ]

@@ -40,14 +40,16 @@ class GPTLossConfig:
 
 
 class _CausalBlock(nn.Module):
-    """Pre-LN block: ``h + Attn(LN(h))`` (causal), then ``h + MLP(LN(h))`` with exact GELU."""
+    """Pre-LN block: ``h + Attn(LN(h))`` (causal), then ``h + MLP(LN(h))`` with exact GELU.
+
+    Scan body: ``h -> (h, None)`` (no per-layer output is kept).
+    """
 
     width: int
     heads: int
 
     @nn.compact
-    def __call__(self, h: Array, _: None = None) -> tuple[Array, None]:
-        """One block; the ``(carry, x) -> (carry, y)`` signature is the one ``nn.scan`` expects."""
+    def __call__(self, h: Array) -> tuple[Array, None]:
         b, n, _ = h.shape
         x = LayerNorm(name="ln1")(h)
         q, k, v = (Linear(self.width, name=nm)(x).reshape(b, n, self.heads, -1)
@@ -76,7 +78,7 @@ class CodePredictor(nn.Module):
         h = Linear(c.width, name="input_proj")(z) + pos[:n]
         blocks = nn.scan(_CausalBlock, variable_axes={"params": 0}, split_rngs={"params": True},
                          length=c.layers)(c.width, c.heads, name="blocks")
-        h = blocks(h, None)[0]
+        h = blocks(h)[0]
         logits = Linear(self.num_quantizers * self.codebook_size, name="head")(LayerNorm(name="ln_f")(h))
         return logits.reshape(*z.shape[:2], self.num_quantizers, self.codebook_size)
 

@@ -44,7 +44,7 @@ class PronunciationConfig:
         return out
 
 
-class ResidualUnit(nn.Module):
+class ELUResidualUnit(nn.Module):
     """``x + conv2(ELU(conv1(ELU(x))))``, both convs without bias; length preserved."""
 
     channels: int
@@ -76,7 +76,7 @@ class PronunciationDecoder(nn.Module):
             x = ConvTranspose1d(c.decode_channels, 2 * stride, stride=stride, padding=(stride + 1) // 2,
                                 output_padding=stride % 2, name=f"block{i}_deconv")(x)
             for j, dilation in enumerate(c.block_dilations):
-                x = ResidualUnit(c.decode_channels, c.unit_kernel_size, dilation, c.elu_alpha,
+                x = ELUResidualUnit(c.decode_channels, c.unit_kernel_size, dilation, c.elu_alpha,
                                  name=f"block{i}_res{j}")(x)
         return Conv1d(c.output_channels, c.kernel_size, padding=pad, use_bias=False, name="conv2")(x)
 

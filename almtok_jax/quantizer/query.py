@@ -197,7 +197,7 @@ class QueryQuantizer(nn.Module):
         vq = self.vq_embed(query)
         return {"query": query, "codes": vq["codes"], "quantized": vq["quantized"]}
 
-    def quantize(self, features: Array) -> tuple[Array, Array]:
+    def encode_codes(self, features: Array) -> tuple[Array, Array]:
         """Eval: features ``(B, T, dim)`` → codes ``(B, N, Q)`` int32 and quantized ``(B, N, dim)``."""
         out = self.encode(features)
         return out["codes"], out["quantized"]
@@ -208,11 +208,11 @@ class QueryQuantizer(nn.Module):
 
 
 @partial(jax.jit, static_argnames=("config", "compat"))
-def quantize(variables: dict, features: Array, config: QuantizerConfig,
-             compat: Compat = "default") -> tuple[Array, Array]:
+def encode_codes(variables: dict, features: Array, config: QuantizerConfig,
+                 compat: Compat = "default") -> tuple[Array, Array]:
     """Tokenize fused features ``(B, T, dim)`` (25 Hz): codes ``(B, N, Q)`` int32 (12.5 Hz) and the
     quantized tokens ``(B, N, dim)``. ``variables`` holds ``params`` and ``codebook``."""
-    return QueryQuantizer(config, compat).apply(variables, features, method="quantize")
+    return QueryQuantizer(config, compat).apply(variables, features, method="encode_codes")
 
 
 @partial(jax.jit, static_argnames="config")

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from almtok_jax import mapping
-from almtok_jax.layers import Linear, dot_product_attention, layer_norm
+from almtok_jax.layers import Linear, apply_rotary, dot_product_attention, layer_norm, rotary_inv_freq, rotary_tables
 from almtok_jax.mapping import Rule
 
 Array = jax.Array
@@ -59,9 +59,7 @@ class BlockConfig:
 
 def rope_inv_freq(config: BlockConfig) -> np.ndarray:
     """The ``rope.inv_freq`` buffer ``(rotary_dim/2,)``: ``1 / base^(2k/rotary_dim)`` in float32."""
-    d = config.rotary_dim
-    exponent = np.arange(0, d, 2, dtype=np.float32) / np.float32(d)
-    return (np.float32(1.0) / np.power(np.float32(config.rope_base), exponent)).astype(np.float32)
+    return rotary_inv_freq(config.rotary_dim, config.rope_base)
 
 
 def check_rope_buffers(state_dict: dict, config: BlockConfig) -> None:
@@ -79,23 +77,7 @@ def check_rope_buffers(state_dict: dict, config: BlockConfig) -> None:
                                  f"(rotary_dim {config.rotary_dim}, base {config.rope_base})")
 
 
-def apply_rope(x: Array, inv_freq: np.ndarray) -> Array:
-    """Rotate-half RoPE on the first ``2*len(inv_freq)`` features of ``x (B, L, H, Dh)``, positions 0..L-1.
-
-    Angles and rotation in float32; the remaining features pass through.
-    """
-    rot = 2 * inv_freq.shape[0]
-    pos = jnp.arange(x.shape[1], dtype=jnp.float32)
-    angles = pos[:, None] * jnp.asarray(inv_freq)[None, :]
-    angles = jnp.concatenate([angles, angles], axis=-1)[None, :, None, :]  # (1, L, 1, rot)
-    xr, rest = x[..., :rot].astype(jnp.float32), x[..., rot:]
-    half = rot // 2
-    rotated_half = jnp.concatenate([-xr[..., half:], xr[..., :half]], axis=-1)
-    xr = xr * jnp.cos(angles) + rotated_half * jnp.sin(angles)
-    return jnp.concatenate([xr.astype(x.dtype), rest], axis=-1)
-
-
-class SelfAttention(nn.Module):
+class QKNormRotaryAttention(nn.Module):
     """Fused weight-normed qkv (no bias) → qk LayerNorm → RoPE → softmax attention → weight-normed out."""
 
     config: BlockConfig
@@ -110,8 +92,8 @@ class SelfAttention(nn.Module):
                        self.param("q_norm_bias", nn.initializers.zeros, (c.dim_heads,)))
         k = layer_norm(k, c.qk_norm_eps, self.param("k_norm_scale", nn.initializers.ones, (c.dim_heads,)),
                        self.param("k_norm_bias", nn.initializers.zeros, (c.dim_heads,)))
-        inv_freq = rope_inv_freq(c)
-        q, k = apply_rope(q, inv_freq), apply_rope(k, inv_freq)
+        cos, sin = rotary_tables(rope_inv_freq(c), length)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         o = dot_product_attention(q, k, v).reshape(b, length, c.dim)
         return Linear(c.dim, use_bias=False, use_weight_norm=True, name="to_out")(o)
 
@@ -130,23 +112,19 @@ class GatedFeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """``x + s_a * Attn(x)`` then ``x + s_f * FF(x)``; no norms on the residual stream. ``(B, L, dim)``."""
+    """``x + s_a * Attn(x)`` then ``x + s_f * FF(x)``; no norms on the residual stream. ``(B, L, dim)``.
+
+    Scan body: ``x -> (x, None)`` (no per-layer output is kept).
+    """
 
     config: BlockConfig
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array) -> tuple[Array, None]:
         c = self.config
         scale_init = nn.initializers.constant(c.layer_scale_init)
-        x = x + self.param("self_attn_scale", scale_init, (c.dim,)) * SelfAttention(c, name="self_attn")(x)
-        return x + self.param("ff_scale", scale_init, (c.dim,)) * GatedFeedForward(c, name="ff")(x)
-
-
-class _ScanBlock(TransformerBlock):
-    """A block with the ``(carry, x) -> (carry, y)`` signature ``nn.scan`` expects."""
-
-    def __call__(self, x: Array, _: None = None) -> tuple[Array, None]:  # type: ignore[override]
-        return super().__call__(x), None
+        x = x + self.param("self_attn_scale", scale_init, (c.dim,)) * QKNormRotaryAttention(c, name="self_attn")(x)
+        return x + self.param("ff_scale", scale_init, (c.dim,)) * GatedFeedForward(c, name="ff")(x), None
 
 
 class TransformerStack(nn.Module):
@@ -157,9 +135,9 @@ class TransformerStack(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        blocks = nn.scan(_ScanBlock, variable_axes={"params": 0}, split_rngs={"params": True},
+        blocks = nn.scan(TransformerBlock, variable_axes={"params": 0}, split_rngs={"params": True},
                          length=self.depth)(self.config, name="blocks")
-        return blocks(x, None)[0]
+        return blocks(x)[0]
 
 
 def transformer_stack_rules() -> list[Rule]:
@@ -175,7 +153,7 @@ def transformer_stack_rules() -> list[Rule]:
         rules += [Rule(layer + src.replace(".", r"\.") + r"\.weight_v", p + dst + "/weight_v",
                        mapping.linear, stack="i"),
                   Rule(layer + src.replace(".", r"\.") + r"\.weight_g", p + dst + "/weight_g",
-                       mapping.flatten, stack="i")]
+                       mapping.to_vector, stack="i")]
     for src, dst in (("ff.ff.0.proj.bias", "ff/proj/bias"), ("ff.ff.2.bias", "ff/out/bias"),
                      ("self_attn.q_norm.weight", "self_attn/q_norm_scale"),
                      ("self_attn.q_norm.bias", "self_attn/q_norm_bias"),

@@ -124,8 +124,9 @@ class ValidationConfig:
 class TrainConfig:
     """Everything a training run needs besides the model preset (``model``) and its weights (``init``).
 
-    ``model``: ``"toy"`` (the stand-in task of :mod:`almtok_jax.train.state`), the name of a shipped model
-    preset (``tiny_release``) or the path of a preset YAML. ``init``: where frozen experts / SQ codec come from, a model
+    ``model``: the name of a shipped model preset (``tiny_release``), the path of a preset YAML, or a
+    ``"module:function"`` task factory (the tests' stand-in task ``tests.toy_task:toy_task``).
+    ``init``: where frozen experts / SQ codec come from, a model
     directory written by :func:`almtok_jax.train.checkpoint.save_model_dir`, or ``"random"``.
     """
 

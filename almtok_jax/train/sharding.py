@@ -1,9 +1,8 @@
-"""Device mesh, logical axis rules and per-leaf partition specs for training.
+"""Device mesh and per-leaf partition specs for training.
 
 The mesh has three axes ``("data", "fsdp", "tensor")``. Batches are split over ``("data", "fsdp")``;
 parameters and optimizer state are split over ``fsdp`` (ZeRO-3 style, the JAX counterpart of the
-reference's FULL_SHARD FSDP, spec ``04-sqcodec-training.md`` B.12); ``tensor`` is reserved for tensor
-parallelism through :data:`LOGICAL_AXIS_RULES` once modules carry logical annotations.
+reference's FULL_SHARD FSDP, spec ``04-sqcodec-training.md`` B.12); no rule uses ``tensor`` yet.
 
 The model modules carry no ``nn.with_logical_partitioning`` annotations, so :func:`leaf_spec` derives a
 spec from each leaf's shape: the largest dimension divisible by the ``fsdp`` size is split over ``fsdp``;
@@ -43,19 +42,6 @@ log = logging.getLogger(__name__)
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
-# Logical axis name -> mesh axes, for modules annotated with ``nn.with_logical_partitioning``
-# (use with ``flax.linen.logical_to_mesh_sharding``).
-LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
-    ("batch", BATCH_AXES),
-    ("length", None),
-    ("embed", "fsdp"),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("kv", None),
-    ("channels", None),
-    ("codebook", None),
-    ("vocab", "tensor"),
-)
 
 
 def maybe_initialize_distributed(force: bool = False) -> None:

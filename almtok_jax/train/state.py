@@ -5,25 +5,25 @@ computes the loss. Only the ``trainable`` tree is differentiated and has optimiz
 (experts, SQ codec) is an input of the step; ``extra`` (e.g. the RVQ codebook EMA state) is replaced by
 the loss function's output, never by the optimizer (spec ``02-quantizer.md`` §8, ``04`` B.7-B.9).
 
-:func:`build_task` selects the task from ``TrainConfig.model``: ``"toy"`` is a tiny waveform autoencoder
-with an EMA codebook (tests); anything else is a model preset path handed to
-``almtok_jax.train.task.train_task(model_config_path, config) -> Task``.
+:func:`build_task` selects the task from ``TrainConfig.model``: a model preset path handed to
+``almtok_jax.train.task.train_task(model_config_path, config) -> Task``, or a ``"module:function"`` task
+factory (the tests' stand-in task is ``tests.toy_task:toy_task``). The step logs whatever metrics the
+task's loss returns, plus ``loss``, ``grad_norm``, ``lr`` and the skip counters.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
 
-from almtok_jax.layers import Conv1d, ConvTranspose1d, LayerNorm, Linear
 from almtok_jax.train.config import OptimizerConfig, ScheduleConfig, TrainConfig
 
 Params = Any
@@ -31,7 +31,6 @@ Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
 # (trainable, frozen, extra, batch, rng) -> (loss, (metrics, new_extra))
 LossFn = Callable[[Params, Params, Params, Batch, jax.Array], tuple[jax.Array, tuple[Metrics, Params]]]
-LOSS_KEYS = ("loss_flow", "loss_commit", "loss_phone")
 
 
 @dataclass(frozen=True)
@@ -121,17 +120,17 @@ def _loss_and_grads(task: Task, compute_dtype: jnp.dtype) -> Callable:
 
 
 def _float_metrics(loss: jax.Array, metrics: Metrics) -> Metrics:
-    out = {k: jnp.zeros((), jnp.float32) for k in LOSS_KEYS}
-    out.update({k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()})
-    out["loss"] = loss
-    return out
+    return {**{k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}, "loss": loss}
 
 
 def make_train_step(task: Task, optimizer: optax.GradientTransformation,
                     schedule: Callable[[jax.Array], jax.Array], config: TrainConfig) -> Callable:
     """``step(state, frozen, batch) -> (state, metrics)`` (to be wrapped in ``jax.jit``).
 
-    ``grad_accum`` micro-batches are scanned and their gradients averaged; the update is skipped (state
+    ``grad_accum`` micro-batches are scanned and their gradients (and metrics) averaged, which equals one
+    full-batch step when the loss is a mean of per-row terms; a loss normalised over the whole batch, or
+    extra state updated per micro-batch (EMA codebooks), makes it an average of micro-batch steps instead
+    (``tests/test_train_infra.py``). The update is skipped (state
     kept, ``skipped`` counted, step still advanced like the reference's scheduler) when the loss or the
     pre-clip gradient norm is not finite.
     """
@@ -219,100 +218,25 @@ def init_train_state(task: Task, optimizer: optax.GradientTransformation, seed: 
     return new_train_state(trainable, extra, optimizer, seed), frozen
 
 
-# --------------------------------------------------------------------------------------------------------
-# The stand-in task: a tiny conv autoencoder on the waveform with an EMA codebook bottleneck.
+def is_task_reference(model: str) -> bool:
+    """Whether ``TrainConfig.model`` names a task factory (``"package.module:function"``), not a preset."""
+    module, sep, function = model.partition(":")
+    return bool(sep) and all(part.isidentifier() for part in module.split(".")) and function.isidentifier()
 
 
-@dataclass(frozen=True)
-class ToyConfig:
-    hop: int = 16
-    channels: int = 32
-    latent: int = 8
-    codebook_size: int = 16
-    ema_decay: float = 0.9
-    commit_weight: float = 0.25
-
-
-class ToyEncoder(nn.Module):
-    config: ToyConfig
-
-    @nn.compact
-    def __call__(self, wav: jax.Array) -> jax.Array:
-        """``(B, S)`` -> latents ``(B, S / hop, latent)``."""
-        c = self.config
-        x = Conv1d(c.channels, 2 * c.hop, stride=c.hop, padding=c.hop // 2, name="conv")(wav[..., None])
-        x = LayerNorm(name="post_norm")(jnp.tanh(x))
-        return Linear(c.latent, name="proj")(x)
-
-
-class ToyDecoder(nn.Module):
-    config: ToyConfig
-
-    @nn.compact
-    def __call__(self, z: jax.Array) -> jax.Array:
-        """``(B, T, latent)`` -> ``(B, T * hop)``."""
-        c = self.config
-        x = jnp.tanh(Linear(c.channels, name="proj")(z))
-        return ConvTranspose1d(1, 2 * c.hop, stride=c.hop, padding=c.hop // 2, name="deconv")(x)[..., 0]
-
-
-def _nearest_code(z: jax.Array, embed: jax.Array) -> jax.Array:
-    d = jnp.sum(z**2, -1, keepdims=True) - 2 * z @ embed.T + jnp.sum(embed**2, -1)
-    return jnp.argmin(d, -1)
-
-
-def toy_task(config: ToyConfig = ToyConfig()) -> Task:
-    """Waveform autoencoder: loss_flow = normalised reconstruction MSE, loss_commit = codebook commitment;
-    the codebook (``extra["codebook"]["embed"]``) follows an EMA of its assigned latents."""
-    encoder, decoder = ToyEncoder(config), ToyDecoder(config)
-
-    def init_fn(rng: jax.Array, batch: Batch) -> tuple[Params, Params, Params]:
-        k_enc, k_dec, k_code = jax.random.split(rng, 3)
-        wav = batch["wav"]
-        enc = encoder.init(k_enc, wav)["params"]
-        z = jax.eval_shape(encoder.apply, {"params": enc}, wav)
-        dec = decoder.init(k_dec, jnp.zeros(z.shape, z.dtype))["params"]
-        embed = 0.1 * jax.random.normal(k_code, (config.codebook_size, config.latent))
-        return {"encoder": enc, "decoder": dec}, {}, {"codebook": {"embed": embed}}
-
-    def quantize(z: jax.Array, embed: jax.Array) -> tuple[jax.Array, jax.Array]:
-        codes = _nearest_code(jax.lax.stop_gradient(z).astype(jnp.float32), embed)
-        return embed[codes], codes
-
-    def loss_fn(trainable: Params, frozen: Params, extra: Params, batch: Batch, rng: jax.Array):
-        del frozen, rng
-        wav = batch["wav"]
-        embed = extra["codebook"]["embed"]
-        z = encoder.apply({"params": trainable["encoder"]}, wav.astype(jax.tree.leaves(trainable)[0].dtype))
-        q, codes = quantize(z, embed)
-        commit = jnp.mean((z.astype(jnp.float32) - q) ** 2)
-        z_st = z + jax.lax.stop_gradient(q.astype(z.dtype) - z)
-        wav_hat = decoder.apply({"params": trainable["decoder"]}, z_st).astype(jnp.float32)
-        recon = jnp.mean((wav_hat - wav) ** 2) / (jnp.mean(wav**2) + 1e-5)
-        onehot = jax.nn.one_hot(codes.reshape(-1), config.codebook_size)
-        counts = onehot.sum(0)
-        means = (onehot.T @ jax.lax.stop_gradient(z).reshape(-1, config.latent).astype(jnp.float32)) / \
-            jnp.maximum(counts, 1.0)[:, None]
-        target = jnp.where(counts[:, None] > 0, means, embed)
-        new_embed = config.ema_decay * embed + (1 - config.ema_decay) * target
-        loss = recon + config.commit_weight * commit
-        metrics = {"loss_flow": recon, "loss_commit": commit, "loss_phone": jnp.zeros(())}
-        return loss, (metrics, {"codebook": {"embed": new_embed}})
-
-    def reconstruct_fn(trainable: Params, frozen: Params, extra: Params, wav: jax.Array,
-                       rng: jax.Array) -> jax.Array:
-        z = encoder.apply({"params": trainable["encoder"]}, wav)
-        q, _ = quantize(z, extra["codebook"]["embed"])
-        return decoder.apply({"params": trainable["decoder"]}, q)
-
-    return Task(init_fn=init_fn, loss_fn=loss_fn, reconstruct_fn=reconstruct_fn)
-
-
-def build_task(model: str, config: TrainConfig) -> Task:
-    """``"toy"`` -> :func:`toy_task`; a model preset path -> :func:`almtok_jax.train.task.train_task`."""
-    if model == "toy":
-        return toy_task()
+def build_task(model: str | Task, config: TrainConfig) -> Task:
+    """The training task: a :class:`Task` as is; ``"package.module:function"`` -> ``function(config)``
+    (a task defined outside the package, e.g. the tests' ``tests.toy_task:toy_task``; the module is
+    imported, so the name is trusted like the command line); otherwise a model preset path ->
+    :func:`almtok_jax.train.task.train_task`."""
+    if isinstance(model, Task):
+        return model
+    if is_task_reference(model):
+        module, _, function = model.partition(":")
+        task = getattr(importlib.import_module(module), function)(config)
+        if not isinstance(task, Task):
+            raise TypeError(f"{model} returned {type(task).__name__}, not a Task")
+        return task
     from almtok_jax.train.task import train_task  # imports the whole model: only when it is trained
 
     return train_task(model, config)
-

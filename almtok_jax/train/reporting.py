@@ -1,8 +1,9 @@
 """Training logs: console lines, ``metrics.jsonl``, TensorBoard scalars, audio samples.
 
 Only process 0 writes. Every logged step appends one JSON object to ``WORKDIR/metrics.jsonl`` with at
-least ``step, loss, loss_flow, loss_commit, loss_phone, grad_norm, lr, skipped`` (validation lines carry a
-``split`` field). TensorBoard scalars go to ``WORKDIR/tensorboard`` when ``tensorboardX`` is installed.
+least ``step, loss, grad_norm, lr, skipped`` and the task's loss terms (``loss_*``: for ALMTokenizer2
+``loss_flow, loss_commit, loss_phone``); validation lines carry a ``split`` field.
+TensorBoard scalars go to ``WORKDIR/tensorboard`` when ``tensorboardX`` is installed.
 """
 
 from __future__ import annotations
@@ -64,9 +65,9 @@ class TrainLogger:
         if not self.primary:
             return
         self._write(record, "train")
-        log.info("step %d  loss %.4f  flow %.4f  commit %.4f  phone %.4f  gnorm %.3f  lr %.3g  skipped %d%s",
-                 step, record["loss"], record["loss_flow"], record["loss_commit"], record["loss_phone"],
-                 record["grad_norm"], record["lr"], record["skipped"],
+        terms = "".join(f"  {k.removeprefix('loss_')} {record[k]:.4f}" for k in record if k.startswith("loss_"))
+        log.info("step %d  loss %.4f%s  gnorm %.3f  lr %.3g  skipped %d%s",
+                 step, record["loss"], terms, record["grad_norm"], record["lr"], record["skipped"],
                  f"  {record['steps_per_s']:.2f} steps/s  {record['audio_hours_per_s']:.4f} audio-h/s"
                  if "steps_per_s" in record else "")
 
