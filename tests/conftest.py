@@ -21,3 +21,15 @@ def shared_dir() -> Path:
     if not SHARED.is_dir():
         pytest.fail(f"reference material not found at {SHARED} (set ALMTOK_SHARED)")
     return SHARED
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """The tiny release fixture converted once per session into a model directory."""
+    import convert_torch_weights
+
+    out = tmp_path_factory.mktemp("tiny_model") / "tiny"
+    argv = ["--release", str(FIXTURES / "release_tiny"), "--config", str(REPO / "configs" / "tiny_release.yaml"),
+            "--out", str(out)]
+    assert convert_torch_weights.main(argv) == 0
+    return out
