@@ -79,7 +79,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("-o", "--outdir", type=Path, default=Path("out"), help="output folder (default: out)")
     p.add_argument("--encode-only", action="store_true", help="write codes only")
     p.add_argument("--decode", nargs="+", type=Path, metavar="CODES.npy", help="decode code files instead")
-    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the config's, 50)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampler steps (default: the model config's; release mode: the reference's 50)")
+    p.add_argument("--solver", default=None, help="ODE solver: euler, midpoint, heun, rk4, ab2 (default: the "
+                   "model config's; release mode runs euler only)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default 1.5)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampler noise")
     p.add_argument("--noise", type=Path, default=None,
@@ -132,6 +135,11 @@ def run(args: argparse.Namespace) -> int:
     from almtok_jax.tokenizer import ALMTokenizer2
 
     tok = ALMTokenizer2.load(args.checkpoint, compat=args.compat)
+    try:
+        tok.sampler_config(args.steps, args.guidance, args.solver)
+    except ValueError as e:  # a bad --solver/--steps fails once, before any work
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     noise = np.load(args.noise, allow_pickle=False) if args.noise else None
     if args.decode:
         files = expand_inputs(args.decode, {".npy"})
@@ -149,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
         """Decode clips together; on failure retry one by one so one bad clip fails alone."""
         try:
             results = tok.decode_clips([c for _, c, _ in batch], args.steps, args.guidance, args.seed,
-                                       [noise] * len(batch), [n for _, _, n in batch])
+                                       [noise] * len(batch), [n for _, _, n in batch], args.solver)
         except Exception as e:  # one bad clip must not stop the run
             if len(batch) == 1:
                 progress.fail(str(batch[0][0]), e)

@@ -48,3 +48,16 @@ def test_codes_above_the_length_limit_are_refused_before_any_work(tok, monkeypat
     with pytest.raises(ValueError, match=r"41 code frames.*limit of 40 frames.*split"):
         tok.decode(_codes(tok, 41, 0), steps=1)
     assert tok.decode(_codes(tok, 40, 0), steps=1).shape == (40 * 1920,)
+
+
+def test_infer_solver_and_steps_flags(tiny_model_dir, tok, tmp_path, capsys):
+    import infer
+
+    np.save(tmp_path / "a.codes.npy", _codes(tok, 30, 0))
+    argv = ["--checkpoint", str(tiny_model_dir), "--decode", str(tmp_path / "a.codes.npy"), "-o", str(tmp_path / "o")]
+    assert infer.main([*argv, "--solver", "bogus"]) == 2
+    assert "unknown solver 'bogus'" in capsys.readouterr().err
+    assert infer.main([*argv, "--solver", "heun", "--steps", "1"]) == 0
+    assert (tmp_path / "o" / "a.wav").is_file()
+    assert infer.main([*argv, "--solver", "heun", "--compat", "release"]) == 2
+    assert "release mode" in capsys.readouterr().err
