@@ -19,7 +19,7 @@ from almtok_jax.flow.cfm import (
     loss_weights,
     make_sampler,
     sample,
-    time_grid,
+    sampler_times,
 )
 from almtok_jax.flow.dit import DiTConfig, DiTEstimator
 
@@ -69,7 +69,7 @@ def test_guidance_batch_equals_single_runs(model_vars):
 def test_prompt_frames_are_exact_at_the_end(model_vars):
     model, variables = model_vars
     cond, prompt, prompt_len, x0 = _inputs()
-    for solver in ("euler", "midpoint"):
+    for solver in SOLVERS:
         latents, _ = make_sampler(model, SamplerConfig(num_steps=2, solver=solver))(
             variables, cond, prompt, prompt_len, x0)
         for i, n in enumerate(np.asarray(prompt_len)):
@@ -83,7 +83,7 @@ def test_trajectory_reimposes_prompt_on_path(model_vars):
     config = SamplerConfig(num_steps=4)
     run = jax.jit(lambda v, *a: sample(lambda h, t: model.apply(v, h, t), *a, config, trace=True))
     _, traj = run(variables, cond, prompt, prompt_len, x0)
-    _, ts, _ = time_grid(4)
+    _, ts, _ = sampler_times(config)
     for k, t in enumerate(ts):
         want = (1 - (1 - config.sigma_min) * t) * x0[0, :3] + t * prompt[0, :3]
         np.testing.assert_allclose(traj["x"][k][0, :3], want, atol=1e-6)

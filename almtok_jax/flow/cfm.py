@@ -177,11 +177,13 @@ class SamplerConfig:
     (``t = 1 − cos(π s / 2)``), the last two with shorter steps near t = 0 where the field changes fastest.
     """
 
+    # Defaults: the default mode's sampler, the cheapest setting of benchmarks/bench_fidelity.py whose error
+    # to the converged solution is at most the reference's (Euler, 50 uniform steps); see benchmarks/README.
     num_steps: int = 50
     guidance_scale: float = 1.5  # > 1: classifier-free guidance with a doubled (2B) batch; ≤ 1: no CFG
     solver: str = "euler"
     sigma_min: float = 1e-4
-    time_grid: str = "uniform"
+    time_grid: str = "cosine"
     grid_power: float = 2.0  # exponent of the "power" grid
 
     def __post_init__(self) -> None:
