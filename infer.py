@@ -153,7 +153,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("-o", "--outdir", type=Path, default=Path("out"), help="output folder (default: out)")
     p.add_argument("--encode-only", action="store_true", help="write codes only")
     p.add_argument("--decode", nargs="+", type=Path, metavar="CODES.npy", help="decode code files instead")
-    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the config's, 50)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampler steps (default: the model config's; release mode: the reference's 50)")
+    p.add_argument("--solver", default=None, help="ODE solver: euler, midpoint, heun, rk4, ab2 (default: the "
+                   "model config's; release mode runs euler only)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default 1.5)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampler noise")
     p.add_argument("--noise", type=Path, default=None,
@@ -206,9 +209,11 @@ def load_tokenizer(args: argparse.Namespace):
     from almtok_jax.tokenizer import ALMTokenizer2
 
     try:
-        return ALMTokenizer2.load(args.checkpoint, compat=args.compat)
+        tok = ALMTokenizer2.load(args.checkpoint, compat=args.compat)
+        tok.sampler_config(args.steps, args.guidance, args.solver)  # a bad --solver/--steps: once, before any work
     except ValueError as e:  # ModelDirError and config errors: their message names the file and the problem
         raise UsageError(str(e)) from None
+    return tok
 
 
 def encode_job(tok, job: Job, args: argparse.Namespace, progress: Progress) -> tuple[np.ndarray, int | None] | None:
@@ -247,7 +252,7 @@ def decode_batch(tok, batch: list[tuple[Job, np.ndarray, int | None]], args: arg
     """Decode clips together and save them; on failure retry one by one so one bad clip fails alone."""
     try:
         results = tok.decode_clips([c for _, c, _ in batch], args.steps, args.guidance, args.seed,
-                                   [noise] * len(batch), [n for _, _, n in batch])
+                                   [noise] * len(batch), [n for _, _, n in batch], args.solver)
     except Exception as e:  # one bad clip must not stop the run
         if len(batch) == 1:
             progress.fail(str(batch[0][0].source), e)

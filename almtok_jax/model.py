@@ -296,8 +296,12 @@ def condition(variables: Mapping, codes: Array, config: ALMTokenizer2Config) -> 
 def generate_latents(variables: Mapping, codes: Array, prompt: Array, prompt_len: Array, x0: Array,
                      config: ALMTokenizer2Config, sampler: SamplerConfig) -> Array:
     """One decoding window for a batch: codes ``(B, W, Q)`` + in-context ``prompt (B, T, C)`` (its first
-    ``prompt_len`` frames are used) + initial noise ``x0 (B, T, C)`` -> SQ latents ``(B, T, C)``."""
-    cond = condition(variables, codes, config)
+    ``prompt_len`` frames are used) + initial noise ``x0 (B, T, C)`` -> SQ latents ``(B, T, C)``.
+
+    The condition is computed one row at a time (it is cheap beside the sampler): with the whole batch at
+    once XLA's kernels round differently per batch size (~2e-6), and a clip must decode the same alone or
+    in any batch."""
+    cond = jax.lax.map(lambda row: condition(variables, row[None], config)[0], codes)
     frames = x0.shape[1]
     masks = inference_masks(frames, jnp.full(prompt_len.shape, frames), prompt_len)
     mu = fill_padding(cond, masks, variables["flow"]["params"]["zero_cond_embedding1"])

@@ -12,6 +12,7 @@ once per batch-size bucket.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -23,6 +24,7 @@ import numpy as np
 from almtok_jax.audio import AudioError, resample
 from almtok_jax.compat import Compat, check_compat
 from almtok_jax.config import ALMTokenizer2Config
+from almtok_jax.flow.cfm import RELEASE_SAMPLER, SamplerConfig
 from almtok_jax.model import decode_latents, encode_segments, generate_latents, load_model
 from almtok_jax.pipeline import (
     PipelineConfig,
@@ -35,6 +37,16 @@ from almtok_jax.pipeline import (
 )
 
 TOKEN_OFFSET = 10000  # the reference's per-codebook offset in tokenize2 (not the codebook size)
+# Longest code sequence one decode call accepts: 4 h at 12.5 Hz. Every window's latents and waveform are
+# held until the cross-fade (about 1.3 MB per 9 s of audio at full size), so the limit bounds memory (~2 GB).
+MAX_DECODE_FRAMES = 180_000
+
+
+def clip_fingerprint(codes: np.ndarray) -> int:
+    """A stable 31-bit hash of a clip's codes (values and shape), independent of platform and process."""
+    codes = np.ascontiguousarray(np.asarray(codes), dtype="<i8")
+    digest = hashlib.blake2b(repr(codes.shape).encode() + codes.tobytes(), digest_size=4).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 def _bucket(n: int, cap: int) -> int:
@@ -190,61 +202,114 @@ class ALMTokenizer2:
 
     # ------------------------------------------------------------------------------------- decoding
 
-    def _prompt(self, previous: np.ndarray, plan: WindowPlan) -> np.ndarray:
-        """In-context prompt for the next window: previous latents ``[start, start + L)`` at ``[0, L)``."""
+    def sampler_config(self, steps: int | None = None, guidance: float | None = None,
+                       solver: str | None = None) -> SamplerConfig:
+        """The sampler a decode runs: the model config's (default mode) with the given overrides.
+
+        Release mode runs the reference's sampler whatever the config says (:data:`RELEASE_SAMPLER`: Euler on
+        the uniform grid, 50 steps unless ``steps`` is given); another solver is refused there.
+        """
+        if self.compat == "release":
+            if solver not in (None, RELEASE_SAMPLER.solver):
+                raise ValueError(f"release mode runs the reference's {RELEASE_SAMPLER.solver} sampler; "
+                                 f"solver {solver!r} needs compat='default'")
+            base = replace(RELEASE_SAMPLER, guidance_scale=self.config.sampler.guidance_scale)
+        else:
+            base = self.config.sampler
+        overrides = {k: v for k, v in (("num_steps", steps), ("guidance_scale", guidance), ("solver", solver))
+                     if v is not None}
+        return replace(base, **overrides)
+
+    def window_noise(self, codes: np.ndarray, plan: WindowPlan, seed: int) -> np.ndarray:
+        """Initial ODE states ``(K, T_w, C)`` of one clip's windows, a function of the seed, the clip's codes
+        and the window index only, so a clip decodes the same alone or beside any other clips."""
+        key = jax.random.fold_in(jax.random.PRNGKey(seed), clip_fingerprint(codes))
+        shape = (plan.latent_frames, self.config.dit.out_channels)
+        return np.stack([np.asarray(jax.random.normal(jax.random.fold_in(key, k), shape))
+                         for k in range(plan.num_windows)])
+
+    def _plan(self, codes: np.ndarray, length: int | None) -> WindowPlan:
+        if codes.shape[-1] > MAX_DECODE_FRAMES:
+            raise ValueError(
+                f"{codes.shape[-1]} code frames ({codes.shape[-1] / self.frame_rate / 3600:.1f} h) exceed the "
+                f"decoding limit of {MAX_DECODE_FRAMES} frames ({MAX_DECODE_FRAMES / self.frame_rate / 60:.0f} "
+                f"min): split the codes into pieces of at most {MAX_DECODE_FRAMES} frames "
+                f"(codes[:, i:i + {MAX_DECODE_FRAMES}]) and decode each")
+        return plan_windows(codes.shape[-1], self.pipeline, self.compat, length)
+
+    def _initial_states(self, codes: Sequence[np.ndarray], plans: Sequence[WindowPlan],
+                        noise: Sequence[np.ndarray | None], seed: int) -> list[np.ndarray]:
+        """Per clip ``(K, T_w, C)``: the given ``noise[i]`` (shape-checked) or :meth:`window_noise`."""
+        states = []
+        for i, (c, p, x0) in enumerate(zip(codes, plans, noise, strict=True)):
+            want = (p.num_windows, p.latent_frames, self.config.dit.out_channels)
+            x0 = self.window_noise(c, p, seed) if x0 is None else np.asarray(x0, np.float32)
+            if x0.shape != want:
+                raise ValueError(f"noise for clip {i} must be {want}, got {x0.shape}")
+            states.append(x0)
+        return states
+
+    def _window_prompt(self, previous: np.ndarray | None, plan: WindowPlan) -> tuple[np.ndarray, int]:
+        """In-context prompt ``(T_w, C)`` and its length for the next window of a clip: the previous
+        window's latents ``[start, start + L)`` at ``[0, L)``; nothing for a clip's first window."""
+        if previous is None:
+            return np.zeros((plan.latent_frames, self.config.dit.out_channels), np.float32), 0
         prompt = np.zeros_like(previous)
-        prompt[:, : plan.prompt_frames] = previous[:, plan.prompt_start: plan.prompt_start + plan.prompt_frames]
-        return prompt
+        prompt[: plan.prompt_frames] = previous[plan.prompt_start: plan.prompt_start + plan.prompt_frames]
+        return prompt, plan.prompt_frames
+
+    def _sample_windows(self, codes: np.ndarray, prompt: np.ndarray, prompt_len: np.ndarray, x0: np.ndarray,
+                        sampler: SamplerConfig, bucket_cap: int) -> np.ndarray:
+        """One window of several clips in one batch (padded to a compiled bucket size) -> latents
+        ``(B, T_w, C)``. ``codes (B, W, Q)``, ``prompt``/``x0 (B, T_w, C)``, ``prompt_len (B,)``."""
+        size = _bucket(len(codes), bucket_cap)
+        out = generate_latents(self.variables, *(_pad_batch(a, size) for a in (codes, prompt, prompt_len, x0)),
+                               self.config, sampler)
+        return np.asarray(out)[: len(codes)]
 
     def decode_clips(self, codes: Sequence[np.ndarray], steps: int | None = None, guidance: float | None = None,
                      seed: int = 0, noise: Sequence[np.ndarray | None] | None = None,
-                     lengths: Sequence[int | None] | None = None) -> list[dict[str, np.ndarray]]:
+                     lengths: Sequence[int | None] | None = None, solver: str | None = None
+                     ) -> list[dict[str, np.ndarray]]:
         """Codes ``[(Q, T_i)]`` -> per clip ``wave (N_i,)`` plus ``latents (K, T_w, C)``, ``prompts``,
         ``window_codes``, ``padded_codes`` and the plan. Window k of every clip is sampled in one batch
         (windows of one clip are sequential: each continues from the previous one).
 
         ``noise[i]`` (optional) is the initial ODE state of every window of clip i, ``(K, T_w, C)``;
-        otherwise it is drawn from ``seed``. ``lengths[i]`` (default mode) trims clip i's output.
+        otherwise it is drawn from ``seed`` and the clip's codes (:meth:`window_noise`). ``lengths[i]``
+        (default mode) trims clip i's output. ``steps``/``guidance``/``solver`` override the sampler
+        (:meth:`sampler_config`). Inputs longer than :data:`MAX_DECODE_FRAMES` are refused.
         """
         codes = [check_codes(c, self.num_codebooks, self.codebook_size, f"clip {i}") for i, c in enumerate(codes)]
-        sampler = replace(self.config.sampler, num_steps=steps or self.config.sampler.num_steps,
-                          guidance_scale=self.config.sampler.guidance_scale if guidance is None else guidance)
+        sampler = self.sampler_config(steps, guidance, solver)
         n = len(codes)
         lengths = list(lengths) if lengths is not None else [None] * n
-        noise = list(noise) if noise is not None else [None] * n
-        plans = [plan_windows(c.shape[-1], self.pipeline, self.compat, lengths[i]) for i, c in enumerate(codes)]
-        windows = [window_codes(np.asarray(c), p) for c, p in zip(codes, plans, strict=True)]
-        frames, channels = plans[0].latent_frames, self.config.dit.out_channels
-        key = jax.random.PRNGKey(seed)
-        x0 = [np.asarray(noise[i], np.float32) if noise[i] is not None else
-              np.asarray(jax.random.normal(jax.random.fold_in(key, i), (p.num_windows, frames, channels)))
-              for i, p in enumerate(plans)]
-        for i, p in enumerate(plans):
-            if x0[i].shape != (p.num_windows, frames, channels):
-                raise ValueError(f"noise for clip {i} must be {(p.num_windows, frames, channels)}, got {x0[i].shape}")
+        codes = [np.asarray(c) for c in codes]
+        plans = [self._plan(c, length) for c, length in zip(codes, lengths, strict=True)]
+        windows = [window_codes(c, p) for c, p in zip(codes, plans, strict=True)]
+        x0 = self._initial_states(codes, plans, list(noise) if noise is not None else [None] * n, seed)
         latents: list[list[np.ndarray]] = [[] for _ in range(n)]
         prompts: list[list[np.ndarray]] = [[] for _ in range(n)]
         for k in range(max(p.num_windows for p in plans)):
             active = [i for i in range(n) if k < plans[i].num_windows]
-            prompt = np.stack([self._prompt(latents[i][-1][None], plans[i])[0] if k else
-                               np.zeros((frames, channels), np.float32) for i in active])
-            prompt_len = np.array([plans[i].prompt_frames if k else 0 for i in active], np.int32)
-            size = _bucket(len(active), max(n, 1))
-            out = generate_latents(self.variables, _pad_batch(np.stack([windows[i][k].T for i in active]), size),
-                                   _pad_batch(prompt, size), _pad_batch(prompt_len, size),
-                                   _pad_batch(np.stack([x0[i][k] for i in active]), size), self.config, sampler)
+            prompt, prompt_len = zip(*(self._window_prompt(latents[i][-1] if k else None, plans[i])
+                                       for i in active), strict=True)
+            out = self._sample_windows(np.stack([windows[i][k].T for i in active]), np.stack(prompt),
+                                       np.array(prompt_len, np.int32), np.stack([x0[i][k] for i in active]),
+                                       sampler, max(n, 1))
             for j, i in enumerate(active):
-                latents[i].append(np.asarray(out[j]))
+                latents[i].append(out[j])
                 if k:
-                    prompts[i].append(prompt[j, : plans[i].prompt_frames])
-        results = []
-        for i, p in enumerate(plans):
-            lat = np.stack(latents[i])
-            wavs, wave = self.render(lat, p)
-            results.append({"wave": wave, "latents": lat, "window_wavs": wavs,
-                            "prompts": np.stack(prompts[i]) if prompts[i] else np.zeros((0, 0, channels), np.float32),
-                            "window_codes": windows[i], "plan": p})
-        return results
+                    prompts[i].append(prompt[j][: plans[i].prompt_frames])
+        return [self._clip_result(np.stack(latents[i]), prompts[i], windows[i], plans[i]) for i in range(n)]
+
+    def _clip_result(self, latents: np.ndarray, prompts: list[np.ndarray], windows: np.ndarray,
+                     plan: WindowPlan) -> dict:
+        wavs, wave = self.render(latents, plan)
+        channels = self.config.dit.out_channels
+        return {"wave": wave, "latents": latents, "window_wavs": wavs,
+                "prompts": np.stack(prompts) if prompts else np.zeros((0, 0, channels), np.float32),
+                "window_codes": windows, "plan": plan}
 
     def render(self, latents: np.ndarray, plan: WindowPlan) -> tuple[np.ndarray, np.ndarray]:
         """Window latents ``(K, T_w, C)`` -> SQ-decoded windows ``(K, S)`` and their cross-fade ``(N,)``."""
@@ -252,6 +317,6 @@ class ALMTokenizer2:
         return wavs, cross_fade(list(wavs), plan, self.compat)
 
     def decode(self, codes: np.ndarray, steps: int | None = None, guidance: float | None = None, seed: int = 0,
-               noise: np.ndarray | None = None, length: int | None = None) -> np.ndarray:
+               noise: np.ndarray | None = None, length: int | None = None, solver: str | None = None) -> np.ndarray:
         """Codes ``(Q, T)`` -> ``(N,)`` float32 audio at 24 kHz (``length`` trims it, default mode)."""
-        return self.decode_clips([codes], steps, guidance, seed, [noise], [length])[0]["wave"]
+        return self.decode_clips([codes], steps, guidance, seed, [noise], [length], solver)[0]["wave"]

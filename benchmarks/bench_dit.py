@@ -2,8 +2,10 @@
 
 ``python benchmarks/bench_dit.py speed``      full-size estimator (random weights), one CFG Euler step at
                                              batch 1 → effective batch 2, 300 frames: compile time, time per
-                                             step, achieved GFLOP/s vs a large fp32 matmul, peak memory.
-``python benchmarks/bench_dit.py solvers``    midpoint vs Euler step counts on the tiny sampler fixture's DiT.
+                                             step, achieved GFLOP/s vs a large fp32 matmul measured in the
+                                             same run, peak memory. ``--layers 4`` keeps the full width with
+                                             fewer blocks (a short measurement); ``--attention`` picks the
+                                             kernel (DiTConfig.attention).
 ``python benchmarks/bench_dit.py precision``  bf16-compute vs fp32 error on the dit_tiny fixture.
 """
 
@@ -64,8 +66,8 @@ def dit_random_variables(config: DiTConfig) -> dict:
     return estimator_variables(jax.jit(FLOW.init, static_argnums=0)(config, jax.random.key(0)))
 
 
-def speed(frames: int, repeats: int) -> None:
-    config = DiTConfig()
+def speed(frames: int, repeats: int, layers: int, attention: str) -> None:
+    config = DiTConfig(num_layers=layers, attention=attention)
     model = DiTEstimator(config)
     variables = dit_random_variables(config)
     run = make_sampler(model, SamplerConfig(num_steps=1))
@@ -89,11 +91,11 @@ def speed(frames: int, repeats: int) -> None:
     step_s = statistics.median(times)
     ref = matmul_gflops()
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(variables["params"]))
-    print(f"full-size DiT: {n_params / 1e6:.1f} M params, CFG batch 2 x {frames} frames, fp32, "
-          f"{jax.device_count()} {jax.devices()[0].platform} device(s)")
+    print(f"full-width DiT, {layers} blocks: {n_params / 1e6:.1f} M params, CFG batch 2 x {frames} frames, fp32, "
+          f"attention {attention}, {jax.device_count()} {jax.devices()[0].platform} device(s)")
     print(f"compile (lower+compile): {compile_s:.1f} s")
     print(f"time per sampling step: {step_s:.2f} s (runs: {', '.join(f'{t:.2f}' for t in times)})")
-    print(f"FLOPs per step (analytic): {flops / 1e12:.3f} TFLOP (spec §7: 1.13); XLA cost_analysis: "
+    print(f"FLOPs per step (analytic): {flops / 1e12:.3f} TFLOP (spec §7: 1.13 for 32 blocks); XLA cost_analysis: "
           f"{xla_flops / 1e12:.3f} TFLOP (counts the scanned block body once)")
     print(f"achieved: {flops / step_s / 1e9:.1f} GFLOP/s; fp32 2048^3 matmul: {ref:.1f} GFLOP/s "
           f"({100 * flops / step_s / 1e9 / ref:.0f} %)")
@@ -102,58 +104,6 @@ def speed(frames: int, repeats: int) -> None:
               f"{memory.temp_size_in_bytes / 2**30:.2f} GiB, "
               f"outputs {memory.output_size_in_bytes / 2**20:.1f} MiB")
     print(f"peak process RSS: {peak_rss_mib() / 1024:.2f} GiB")
-
-
-def _sampler_fixture():
-    fx = load_fixture(FIXTURES / "sampler.npz")
-    config = dit_config(fx.config)
-    variables = FLOW.load(fx.state_dict, config, source=fx.path.name)
-    return fx, config, estimator_variables(variables)
-
-
-def smooth_in_time(variables: dict, config: DiTConfig, max_rad: float) -> dict:
-    """Zero the timestep-MLP inputs of features faster than ``max_rad`` radians per unit t.
-
-    Random weights use all 256 frequencies (up to 1000 rad per unit t), so v(t) is rough on the sampling
-    grid; a trained model's field is much smoother in t. This emulates that for the solver study.
-    """
-    half = config.timestep_channels // 2
-    rate = config.timestep_scale * np.exp(-np.log(config.timestep_max_period) * np.arange(half) / half)
-    keep = np.tile(rate <= max_rad, 2).astype(np.float32)[:, None]
-    params = jax.tree_util.tree_map(lambda a: a, variables["params"])
-    t_mlp = dict(params["adaln_single"])
-    t_mlp["linear_1"] = {**t_mlp["linear_1"], "kernel": t_mlp["linear_1"]["kernel"] * keep}
-    return {**variables, "params": {**params, "adaln_single": t_mlp}}
-
-
-def solvers(smooth_rad: float | None) -> None:
-    """Final-latent error against a 1000-step Euler solution, per solver and step count."""
-    fx, config, variables = _sampler_fixture()
-    if smooth_rad is not None:
-        variables = smooth_in_time(variables, config, smooth_rad)
-    model = DiTEstimator(config)
-    mu = jnp.asarray(fx.expected["mu_prefix"])
-    prompt = jnp.asarray(fx.expected["incontext_latents_prefix"])
-    prompt_len = jnp.asarray([int(fx.inputs["incontext_length_prefix"])])
-    x0 = jnp.asarray(fx.inputs["rng_noise_prefix"])
-
-    def final(solver: str, steps: int) -> np.ndarray:
-        run = make_sampler(model, SamplerConfig(num_steps=steps, solver=solver))
-        return np.asarray(run(variables, mu, prompt, prompt_len, x0)[0])
-
-    exact = final("euler", 1000)
-    euler50 = final("euler", 50)
-    base = np.mean(np.abs(euler50 - exact))
-    smooth = "all timestep frequencies" if smooth_rad is None else f"timestep frequencies <= {smooth_rad} rad"
-    print(f"sampler fixture DiT (T 16, CFG 1.5, prompt 5, {smooth}); reference = Euler 1000 steps")
-    print(f"euler    50 steps ( 50 NFE): mean |x - ref| {base:.2e}")
-    for steps in (2, 3, 4, 5, 6, 8, 10, 15, 20, 25):
-        mid = final("midpoint", steps)
-        print(f"midpoint {steps:2d} steps ({2 * steps:3d} NFE): mean |x - ref| "
-              f"{np.mean(np.abs(mid - exact)):.2e}, mean |x - euler50| {np.mean(np.abs(mid - euler50)):.2e}")
-    for steps in (10, 20, 25):
-        print(f"euler    {steps:2d} steps ({steps:3d} NFE): mean |x - ref| "
-              f"{np.mean(np.abs(final('euler', steps) - exact)):.2e}")
 
 
 def precision() -> None:
@@ -178,17 +128,15 @@ def precision() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["speed", "solvers", "precision"])
+    parser.add_argument("what", choices=["speed", "precision"])
     parser.add_argument("--frames", type=int, default=300)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--smooth-rad", type=float, default=None,
-                        help="solvers: keep only timestep features up to this many rad per unit t")
+    parser.add_argument("--layers", type=int, default=DiTConfig.num_layers, help="speed: DiT blocks")
+    parser.add_argument("--attention", default=DiTConfig.attention, help="speed: DiTConfig.attention kernel")
     args = parser.parse_args()
     with jax.default_matmul_precision("highest"):
         if args.what == "speed":
-            speed(args.frames, args.repeats)
-        elif args.what == "solvers":
-            solvers(args.smooth_rad)
+            speed(args.frames, args.repeats, args.layers, args.attention)
         else:
             precision()
 

@@ -127,9 +127,9 @@ def test_full_size_manifest_refuses_a_wrong_shape():
     model_state = _abstract_state("ep5_model_keys.json")
     key = "decoder_transformers.3.ff.ff.2.parametrizations.weight.original1"
     model_state[key] = jax.ShapeDtypeStruct((768, 3000), jnp.float32)
-    with pytest.raises(MappingError, match=r"decoder_transformers/blocks/ff/out/weight_v: layer 3 \(decoder_transformers"
-                                           r"\.3\.ff\.ff\.2\.parametrizations\.weight\.original1\) gives \(3000, 768\), "
-                                           r"model expects \(3072, 768\) per layer"):
+    message = (r"decoder_transformers/blocks/ff/out/weight_v: layer 3 \(decoder_transformers\.3\.ff\.ff\.2\."
+               r"parametrizations\.weight\.original1\) gives \(3000, 768\), model expects \(3072, 768\) per layer")
+    with pytest.raises(MappingError, match=message):
         QUANTIZER.load(model_state, ALMTokenizer2Config().quantizer)
 
 

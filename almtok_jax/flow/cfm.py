@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
 
 import flax.linen as nn
 import jax
@@ -156,20 +155,59 @@ def flow_matching_loss(velocity: VelocityFn, latents: Array, cond: Array, latent
 # --------------------------------------------------------------------------------------------- sampler
 
 
+# Explicit Runge-Kutta solvers as Butcher tableaux ``(c, A, b)``: stage i is evaluated at ``t + c_i·dt`` on
+# ``x + dt·Σ_j A_ij k_j``, and the step is ``x + dt·Σ_i b_i k_i``.
+RUNGE_KUTTA: dict[str, tuple[tuple[float, ...], tuple[tuple[float, ...], ...], tuple[float, ...]]] = {
+    "euler": ((0.0,), ((),), (1.0,)),
+    "midpoint": ((0.0, 0.5), ((), (0.5,)), (0.0, 1.0)),
+    "heun": ((0.0, 1.0), ((), (1.0,)), (0.5, 0.5)),
+    "rk4": ((0.0, 0.5, 0.5, 1.0), ((), (0.5,), (0.0, 0.5), (0.0, 0.0, 1.0)), (1 / 6, 1 / 3, 1 / 3, 1 / 6)),
+}
+# Adams-Bashforth: one estimator call per step, the previous velocity reused (variable-step coefficients, so
+# any time grid works), Euler for the first step. (A third order would need a second-order start to keep
+# its order: with an Euler start it converges at order 2.)
+ADAMS_BASHFORTH = {"ab2": 2}
+SOLVERS = (*RUNGE_KUTTA, *ADAMS_BASHFORTH)
+SOLVER_ORDER = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4, "ab2": 2}
+TIME_GRIDS = ("uniform", "power", "cosine")
+
+
 @dataclass(frozen=True)
 class SamplerConfig:
-    """ODE sampler settings; defaults are what the released ``infer.py`` runs (spec 03 §5.3)."""
+    """ODE sampler settings (spec 03 §5.3). :data:`RELEASE_SAMPLER` is what the released ``infer.py`` runs.
 
+    ``solver`` is one of :data:`SOLVERS`; ``time_grid`` places the ``num_steps + 1`` times in [0, 1]:
+    ``uniform`` (the reference's float32 linspace), ``power`` (``t = s^grid_power``) or ``cosine``
+    (``t = 1 − cos(π s / 2)``), the last two with shorter steps near t = 0 where the field changes fastest.
+    """
+
+    # Defaults: the default mode's sampler, the cheapest setting of benchmarks/bench_fidelity.py whose error
+    # to the converged solution is at most the reference's (Euler, 50 uniform steps); see benchmarks/README.
     num_steps: int = 50
     guidance_scale: float = 1.5  # > 1: classifier-free guidance with a doubled (2B) batch; ≤ 1: no CFG
-    solver: Literal["euler", "midpoint"] = "euler"  # midpoint: 2 estimator calls per step
+    solver: str = "euler"  # one of SOLVERS
     sigma_min: float = SIGMA_MIN
+    time_grid: str = "cosine"  # one of TIME_GRIDS
+    grid_power: float = 2.0  # exponent of the "power" grid
 
     def __post_init__(self) -> None:
-        if self.solver not in ("euler", "midpoint"):
-            raise ValueError(f"SamplerConfig: unknown solver {self.solver!r} (euler | midpoint)")
+        if self.solver not in SOLVERS:
+            raise ValueError(f"SamplerConfig: unknown solver {self.solver!r} ({' | '.join(SOLVERS)})")
+        if self.time_grid not in TIME_GRIDS:
+            raise ValueError(f"SamplerConfig: unknown time_grid {self.time_grid!r} ({' | '.join(TIME_GRIDS)})")
         if self.num_steps < 1:
             raise ValueError(f"SamplerConfig: num_steps must be ≥ 1, got {self.num_steps}")
+        if self.grid_power <= 0:
+            raise ValueError(f"SamplerConfig: grid_power must be > 0, got {self.grid_power}")
+
+    @property
+    def evaluations(self) -> int:
+        """Estimator calls per window (each a guided batch when ``guidance_scale > 1``)."""
+        per_step = len(RUNGE_KUTTA[self.solver][0]) if self.solver in RUNGE_KUTTA else 1
+        return per_step * self.num_steps
+
+
+RELEASE_SAMPLER = SamplerConfig(num_steps=50, guidance_scale=1.5, solver="euler", time_grid="uniform")
 
 
 def time_grid(num_steps: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -190,6 +228,32 @@ def time_grid(num_steps: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         dts[k] = np.float32(t_span[k + 1] - t)
         t = np.float32(t + dts[k])
     return t_span, ts, dts
+
+
+def sampler_times(config: SamplerConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(t_span, t, dt)`` of :func:`time_grid` for the config's grid (uniform: the reference's exactly)."""
+    if config.time_grid == "uniform":
+        return time_grid(config.num_steps)
+    s = np.linspace(0.0, 1.0, config.num_steps + 1)
+    t_span = s ** config.grid_power if config.time_grid == "power" else 1.0 - np.cos(0.5 * np.pi * s)
+    t_span = t_span.astype(np.float32)
+    t_span[-1] = 1.0
+    return t_span, t_span[:-1], np.diff(t_span).astype(np.float32)
+
+
+def adams_bashforth_weights(t_span: np.ndarray, order: int) -> np.ndarray:
+    """``(N, order)`` float32: step n is ``x + dt_n · Σ_j w[n, j] · v(t_{n−j})``, the exact integral over
+    ``[t_n, t_{n+1}]`` of the polynomial through the last ``min(order, n + 1)`` velocities (variable steps)."""
+    t = t_span.astype(np.float64)
+    weights = np.zeros((len(t) - 1, order))
+    for n in range(len(t) - 1):
+        nodes = t[n - np.arange(min(order, n + 1))]
+        for j in range(len(nodes)):
+            others = np.delete(nodes, j)
+            basis = np.poly1d(np.poly(others)) / np.prod(nodes[j] - others)
+            antiderivative = basis.integ()
+            weights[n, j] = (antiderivative(t[n + 1]) - antiderivative(t[n])) / (t[n + 1] - t[n])
+    return weights.astype(np.float32)
 
 
 def guidance_batch(x: Array, prompt: Array, cond: Array, guidance_scale: float) -> Array:
@@ -215,6 +279,14 @@ def guided_velocity(velocity: VelocityFn, x: Array, prompt: Array, cond: Array, 
     return v_u + guidance_scale * (v_c - v_u), v_u, v_c
 
 
+def _combine(x: Array, dt: Array, weights: tuple[float, ...] | Array, ks: list[Array]) -> Array:
+    """``x + dt · Σ w_i k_i`` (terms with a zero constant weight skipped; a lone weight 1 is not applied)."""
+    terms = [(w, k) for w, k in zip(weights, ks, strict=True) if not (isinstance(w, float) and w == 0.0)]
+    if len(terms) == 1 and isinstance(terms[0][0], float) and terms[0][0] == 1.0:
+        return x + dt * terms[0][1]
+    return x + dt * sum(w * k for w, k in terms)
+
+
 def sample(velocity: VelocityFn, cond: Array, prompt: Array, prompt_len: Array, x0: Array,
            config: SamplerConfig, trace: bool = False) -> tuple[Array, dict[str, Array] | None]:
     """Integrate the flow from noise ``x0 (B, T, C)`` at t = 0 to latents at t = 1 (traceable, no host sync).
@@ -222,9 +294,10 @@ def sample(velocity: VelocityFn, cond: Array, prompt: Array, prompt_len: Array, 
     ``cond (B, T, cond_dim)`` is the padding-filled condition (``mu``); ``prompt (B, T, C)`` the in-context
     latents (zero outside the prompt); ``prompt_len (B,)`` the prompt lengths L. At every estimator call
     the prompt frames are put back on the path, ``x[:, :L] = (1 − (1 − σ)t)·x0[:, :L] + t·prompt[:, :L]``,
-    and at the end they are overwritten with the prompt. Returns ``(latents, trajectory)``; with ``trace``
-    the trajectory stacks per step ``x`` (the estimator's state input), ``t``, ``v_uncond``, ``v_cond``
-    ``(N, ...)`` and holds ``est_in0``, the estimator input of step 0.
+    and at the end they are overwritten with the prompt. One ``lax.scan`` over the steps of
+    :func:`sampler_times` with the config's solver. Returns ``(latents, trajectory)``; with ``trace`` the
+    trajectory stacks per step ``x`` (the estimator's state input at the step's start), ``t``, ``v_uncond``,
+    ``v_cond`` ``(N, ...)`` and holds ``est_in0``, the estimator input of step 0.
     """
     b, frames, channels = x0.shape
     if prompt.shape != x0.shape or cond.shape[:2] != (b, frames):
@@ -232,23 +305,37 @@ def sample(velocity: VelocityFn, cond: Array, prompt: Array, prompt_len: Array, 
                          f"{x0.shape}")
     on_prompt = prompt_mask(frames, prompt_len)[..., None]
     sigma, g = config.sigma_min, config.guidance_scale
-    t_span, ts, dts = time_grid(config.num_steps)
+    t_span, ts, dts = sampler_times(config)
+    order = ADAMS_BASHFORTH.get(config.solver, 0)
+    ab_weights = adams_bashforth_weights(t_span, order) if order else np.zeros((config.num_steps, 0), np.float32)
 
     def reimpose(x: Array, t: Array) -> Array:
         return jnp.where(on_prompt, (1 - (1 - sigma) * t) * x0 + t * prompt, x)
 
-    def step(x: Array, grid: tuple[Array, Array]) -> tuple[Array, dict[str, Array]]:
-        t, dt = grid
-        x = reimpose(x, t)
-        v, v_u, v_c = guided_velocity(velocity, x, prompt, cond, t, g)
-        record = dict(x=x, t=t, v_uncond=v_u, v_cond=v_c) if trace else {}
-        if config.solver == "midpoint":
-            t_mid = t + 0.5 * dt
-            x_mid = reimpose(x + 0.5 * dt * v, t_mid)
-            v = guided_velocity(velocity, x_mid, prompt, cond, t_mid, g)[0]
-        return x + dt * v, record
+    def field(x: Array, t: Array) -> tuple[Array, Array, Array]:
+        return guided_velocity(velocity, x, prompt, cond, t, g)
 
-    x, records = jax.lax.scan(step, x0, (jnp.asarray(ts), jnp.asarray(dts)))
+    def runge_kutta(x: Array, t: Array, dt: Array, k0: Array) -> Array:
+        c, a, weights = RUNGE_KUTTA[config.solver]
+        ks = [k0]
+        for c_i, a_i in zip(c[1:], a[1:], strict=True):
+            t_i = t + c_i * dt
+            ks.append(field(reimpose(_combine(x, dt, a_i, ks), t_i), t_i)[0])
+        return _combine(x, dt, weights, ks)
+
+    def step(carry: tuple[Array, Array], grid: tuple[Array, Array, Array]) -> tuple[tuple, dict[str, Array]]:
+        x, history = carry
+        t, dt, w = grid
+        x = reimpose(x, t)
+        v, v_u, v_c = field(x, t)
+        record = dict(x=x, t=t, v_uncond=v_u, v_cond=v_c) if trace else {}
+        if order:
+            history = jnp.concatenate([v[None], history[:-1]])
+            return (_combine(x, dt, tuple(w), list(history)), history), record
+        return (runge_kutta(x, t, dt, v), history), record
+
+    history = jnp.zeros((order, *x0.shape), x0.dtype)
+    (x, _), records = jax.lax.scan(step, (x0, history), (jnp.asarray(ts), jnp.asarray(dts), jnp.asarray(ab_weights)))
     x = jnp.where(on_prompt, prompt, x)
     if not trace:
         return x, None

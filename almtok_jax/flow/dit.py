@@ -23,13 +23,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from almtok_jax.layers import Conv1d, Linear, dot_product_attention, layer_norm
+from almtok_jax.layers import Conv1d, Linear, default_kernel_init, dot_product_attention, layer_norm
 from almtok_jax.mapping import Rule, conv1d, linear
 
 Array = jax.Array
 
 # Reference key prefix of the estimator inside the AudioDiffusion1D state dict.
 ESTIMATOR_PREFIX = "cfm_wrapper.estimator."
+ATTENTION_KERNELS = ("explicit", "xla", "cudnn", "auto")
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,9 @@ class DiTConfig:
     proj_kernel_size: int = 3
     dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype of matmuls/convs; params stay float32
     remat_policy: str | None = None  # name in jax.checkpoint_policies (e.g. "nothing_saveable") for training
+    # Attention kernel: "explicit" (softmax(q kᵀ·s) v written out), or jax.nn.dot_product_attention with
+    # implementation "xla" (any backend) / "cudnn" (NVIDIA GPUs, fp16/bf16) / "auto" (JAX picks).
+    attention: str = "xla"
 
     def __post_init__(self) -> None:
         if self.in_channels != 2 * self.out_channels + self.cond_dim:
@@ -60,6 +64,8 @@ class DiTConfig:
             raise ValueError(f"DiTConfig: timestep_channels {self.timestep_channels} must be even")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"DiTConfig: dtype {self.dtype!r} is not 'float32' or 'bfloat16'")
+        if self.attention not in ATTENTION_KERNELS:
+            raise ValueError(f"DiTConfig: attention {self.attention!r} is not one of {ATTENTION_KERNELS}")
 
     @property
     def inner_dim(self) -> int:
@@ -123,18 +129,36 @@ class AdaLayerNormSingle(nn.Module):
         return e, m
 
 
+def _linear_init(key: Array, shape: tuple[int, int]) -> dict[str, Array]:
+    """A :class:`Linear`'s variables ``{"kernel" (in, out), "bias" (out,)}`` (same layout and init)."""
+    return {"kernel": default_kernel_init(key, shape), "bias": jnp.zeros(shape[-1:], jnp.float32)}
+
+
 class SelfAttention(nn.Module):
-    """Bidirectional multi-head self-attention with biased q/k/v/out projections, no mask or RoPE."""
+    """Bidirectional multi-head self-attention with biased q/k/v/out projections, no mask or RoPE.
+
+    The parameters stay the reference's separate ``to_q``/``to_k``/``to_v`` (a pure transpose of its keys);
+    they are concatenated at apply time into one ``(D, 3D)`` projection, one GEMM instead of three.
+    """
 
     num_heads: int
     head_dim: int
+    kernel: str = "xla"  # see DiTConfig.attention
 
     @nn.compact
     def __call__(self, a: Array) -> Array:
-        b, t, _ = a.shape
+        b, t, width = a.shape
         d = self.num_heads * self.head_dim
-        q, k, v = (Linear(d, name=f"to_{n}")(a).reshape(b, t, self.num_heads, self.head_dim) for n in "qkv")
-        return Linear(d, name="to_out")(dot_product_attention(q, k, v).reshape(b, t, d))
+        kernels = [self.param(f"to_{n}", _linear_init, (width, d)) for n in "qkv"]
+        w = jnp.concatenate([p["kernel"] for p in kernels], axis=1).astype(a.dtype)
+        bias = jnp.concatenate([p["bias"] for p in kernels]).astype(a.dtype)
+        qkv = (jnp.einsum("...i,io->...o", a, w) + bias).reshape(b, t, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        if self.kernel == "explicit":
+            out = dot_product_attention(q, k, v)
+        else:
+            out = jax.nn.dot_product_attention(q, k, v, implementation=None if self.kernel == "auto" else self.kernel)
+        return Linear(d, name="to_out")(out.reshape(b, t, d))
 
 
 class FeedForward(nn.Module):
@@ -182,7 +206,7 @@ class DiTBlock(nn.Module):
             mod[:, j, None, :] for j in range(6))
 
         a = layer_norm(x, cfg.norm_eps) * (1 + scale_msa) + shift_msa
-        attn = SelfAttention(heads, cfg.attention_head_dim, name="attn1")(a.astype(cdt))
+        attn = SelfAttention(heads, cfg.attention_head_dim, cfg.attention, name="attn1")(a.astype(cdt))
         x = gate_msa * attn.astype(jnp.float32) + x
 
         f = layer_norm(x, cfg.norm_eps) * (1 + scale_mlp) + shift_mlp

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from almtok_jax.flow.cfm import (
     FLOW,
+    RELEASE_SAMPLER,
     FlowLossDraws,
     SamplerConfig,
     estimator_variables,
@@ -93,7 +96,7 @@ def flow_loss(fx: Fixture) -> dict[str, np.ndarray]:
 
 def sampler(fx: Fixture) -> dict[str, np.ndarray]:
     config = dit_config(fx.config)
-    sigma_min = fx.config.get("sigma_min", SamplerConfig.sigma_min)
+    sigma_min = fx.config.get("sigma_min", RELEASE_SAMPLER.sigma_min)
     variables = _flow_variables(fx, config)
     est = estimator_variables(variables)
     zero_cond = variables["params"]["zero_cond_embedding1"]
@@ -122,8 +125,8 @@ def sampler(fx: Fixture) -> dict[str, np.ndarray]:
         masks = inference_masks(frames, np.full((b,), int(inp["latent_length"])), prompt_len)
         mu = fill_padding(jnp.asarray(cond), masks, zero_cond)
         prompt = incontext_latents(jnp.asarray(true_latents), masks)
-        sampler_config = SamplerConfig(num_steps=int(inp["num_steps"]),
-                                       guidance_scale=float(inp["guidance_scale"]), sigma_min=sigma_min)
+        sampler_config = replace(RELEASE_SAMPLER, num_steps=int(inp["num_steps"]),
+                                 guidance_scale=float(inp["guidance_scale"]), sigma_min=sigma_min)
         run = samplers.setdefault(sampler_config, make_sampler(model, sampler_config, trace=True))
         latents, traj = run(est, mu, prompt, prompt_len, jnp.asarray(inp["rng_noise"]))
         est_batch = traj["est_in0"].shape[0]
