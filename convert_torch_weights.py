@@ -45,17 +45,18 @@ def convert(release: Path, out: Path, config_path: Path, force: bool = False) ->
     """Read, validate and write; returns the output folder."""
     import yaml
 
-    from almtok_jax.model import convert_checkpoint, split_variables
+    from almtok_jax.model import FROZEN, convert_components
     from almtok_jax.release import read_release
-    from almtok_jax.train.checkpoint import save_model_dir
+    from almtok_jax.train.checkpoint import save_model_dir_pieces
 
     if out.exists() and any(out.iterdir()) and not force:
         raise FileExistsError(f"{out} exists and is not empty (pass --force to replace it)")
     config = load_model_config(config_path)
     rel = read_release(release, config)
-    variables = convert_checkpoint(rel.model_state, rel.codec_state, config, source=str(rel.checkpoint))
     config_yaml = yaml.safe_dump(to_dict(config), sort_keys=False)
-    return save_model_dir(out, split_variables(variables), config_yaml, force=force)
+    components = convert_components(rel.model_state, rel.codec_state, config, source=str(rel.checkpoint))
+    pieces = ((("frozen" if name in FROZEN else "trainable", name), variables) for name, variables in components)
+    return save_model_dir_pieces(out, pieces, config_yaml, force=force)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -115,17 +115,11 @@ def _describe(items: list[str], limit: int = 60) -> str:
     return f"\n    {shown}{more}"
 
 
-def convert_state_dict(state_dict: Mapping[str, np.ndarray], rules: Iterable[Rule],
-                       expected: Mapping | None = None, *, source: str = "state dict") -> dict:
-    """Apply ``rules`` to ``state_dict`` and return the nested Flax variables.
-
-    ``expected`` (optional) is a nested mapping of arrays or ``jax.ShapeDtypeStruct`` (e.g. from
-    ``jax.eval_shape(model.init, ...)``): every path it holds must be produced with the same shape, and
-    nothing else. Raises :class:`MappingError` listing every problem at once; ``source`` names the file.
-    """
-    rules = list(rules)
-    flat: dict[str, np.ndarray] = {}
-    stacked: dict[str, dict[int, tuple[str, np.ndarray]]] = {}
+def _route(state_dict: Mapping, rules: list[Rule]) -> tuple[dict, dict, list[str]]:
+    """Which rule takes each key, from the keys alone: ``({path: (key, rule)}, {path: {layer: (key, rule)}},
+    unexpected)``; dropped keys appear nowhere."""
+    flat: dict[str, tuple[str, Rule]] = {}
+    stacked: dict[str, dict[int, tuple[str, Rule]]] = {}
     unexpected: list[str] = []
     for key, value in state_dict.items():
         ckey = canonical_key(key)
@@ -137,22 +131,58 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], rules: Iterable[Rul
             continue
         groups = rule.match(ckey).groupdict()
         path = rule.target.format(**groups)
-        array = rule.transform(np.asarray(value))
         if rule.stack is None:
-            flat[path] = array
+            flat[path] = (key, rule)
         else:
-            stacked.setdefault(path, {})[int(groups[rule.stack])] = (key, array)
+            stacked.setdefault(path, {})[int(groups[rule.stack])] = (key, rule)
+    return flat, stacked, unexpected
+
+
+def _stack_layers(state_dict: Mapping, by_index: dict[int, tuple[str, Rule]]) -> np.ndarray | set:
+    """The layers' transformed arrays stacked along a new leading axis, read one at a time into one
+    preallocated array (with ``np.stack``'s dtype); the set of their shapes if these differ."""
+    out = None
+    shapes = set()
+    dtype = np.result_type(*(state_dict[key].dtype for key, _ in by_index.values()))
+    for i in sorted(by_index):
+        key, rule = by_index[i]
+        layer = rule.transform(np.asarray(state_dict[key]))
+        shapes.add(layer.shape)
+        if len(shapes) > 1:
+            continue
+        if out is None:
+            out = np.empty((len(by_index), *layer.shape), dtype)
+        out[i] = layer
+    return out if len(shapes) == 1 else shapes
+
+
+def convert_state_dict(state_dict: Mapping[str, np.ndarray], rules: Iterable[Rule],
+                       expected: Mapping | None = None, *, source: str = "state dict") -> dict:
+    """Apply ``rules`` to ``state_dict`` and return the nested Flax variables (NumPy arrays).
+
+    ``expected`` (optional) is a nested mapping of arrays or ``jax.ShapeDtypeStruct`` (e.g. from
+    ``jax.eval_shape(model.init, ...)``): every path it holds must be produced with the same shape, and
+    nothing else. Raises :class:`MappingError` listing every problem at once; ``source`` names the file.
+
+    Values are read one at a time (``np.asarray``), so ``state_dict`` may map names to lazily read tensors
+    (:func:`almtok_jax.torch_io.open_state_dict`): dropped keys are never read, and each stacked array is
+    filled in place, layer by layer. Only ``np.shape`` and ``.dtype`` of a value are used before reading.
+    """
+    flat_rules, stacked_rules, unexpected = _route(state_dict, list(rules))
     problems: list[str] = []
-    for path, by_index in stacked.items():
+    flat: dict[str, np.ndarray] = {}
+    for path, (key, rule) in flat_rules.items():
+        flat[path] = rule.transform(np.asarray(state_dict[key]))
+    for path, by_index in stacked_rules.items():
         indices = sorted(by_index)
         if indices != list(range(len(indices))):
             problems.append(f"{path}: layers {indices} are not 0..{len(indices) - 1}")
             continue
-        shapes = {by_index[i][1].shape for i in indices}
-        if len(shapes) > 1:
-            problems.append(f"{path}: layers have different shapes {sorted(shapes)}")
-            continue
-        flat[path] = np.stack([by_index[i][1] for i in indices])
+        stacked = _stack_layers(state_dict, by_index)
+        if isinstance(stacked, set):
+            problems.append(f"{path}: layers have different shapes {sorted(stacked)}")
+        else:
+            flat[path] = stacked
     if expected is not None:
         want = {"/".join(k): v for k, v in traverse_util.flatten_dict(dict(expected)).items()}
         missing = sorted(set(want) - set(flat))

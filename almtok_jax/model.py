@@ -14,7 +14,7 @@ dicts onto this layout through each component's own rules, and reports every pro
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import partial
 
@@ -97,13 +97,16 @@ MODEL_COMPONENTS = (
 )
 
 
-def convert_checkpoint(model_state: Mapping[str, np.ndarray], codec_state: Mapping[str, np.ndarray],
-                       config: ALMTokenizer2Config, source: str = "release") -> dict[str, dict]:
-    """Reference state dicts (``ep*.checkpoint['model']``, ``sqcodec.pth['codec_model']``) -> variables.
+def convert_components(model_state: Mapping[str, np.ndarray], codec_state: Mapping[str, np.ndarray],
+                       config: ALMTokenizer2Config, source: str = "release") -> Iterator[tuple[str, dict]]:
+    """Reference state dicts (``ep*.checkpoint['model']``, ``sqcodec.pth['codec_model']``) -> ``(component,
+    variables)`` one component at a time (NumPy arrays), so that a caller can write and free each before
+    the next is read (the state dicts may hold lazily read tensors: :func:`almtok_jax.torch_io.open_state_dict`).
 
     Every key goes to the first component whose rules match it; a key no component knows, a variable no
     key provides and every shape mismatch are collected over all components and raised together as one
-    :class:`MappingError` naming ``source``.
+    :class:`MappingError` naming ``source`` after the last component (the components that fitted have been
+    yielded by then: a caller writes them to a temporary place).
     """
     rules = {comp.name: comp.rules(config) for comp in MODEL_COMPONENTS}
     parts: dict[str, dict[str, np.ndarray]] = {name: {} for name in rules}
@@ -115,28 +118,33 @@ def convert_checkpoint(model_state: Mapping[str, np.ndarray], codec_state: Mappi
             unknown.append(f"{key} {tuple(np.shape(value))}")
         else:
             parts[owner][key] = value
-    variables, problems = {}, []
+    problems = []
     for comp in MODEL_COMPONENTS:
         try:
-            variables[comp.name] = convert_state_dict(parts[comp.name], rules[comp.name], comp.shapes(config),
-                                                      source=f"{source} [{comp.name}]")
+            variables = convert_state_dict(parts.pop(comp.name), rules[comp.name], comp.shapes(config),
+                                           source=f"{source} [{comp.name}]")
         except MappingError as e:
             problems.append(str(e))
+        else:
+            yield comp.name, variables
+            del variables
     try:
-        variables["sqcodec"] = load_sqcodec(codec_state, config.sqcodec)
+        variables = load_sqcodec(codec_state, config.sqcodec)
     except MappingError as e:
         problems.append(f"{source} [sqcodec]: {e}")
+    else:
+        yield "sqcodec", variables
     if unknown:
         problems.append(f"{source}: {len(unknown)} keys belong to no component:\n    " + "\n    ".join(unknown))
     if problems:
         raise MappingError("\n".join(problems))
-    return jax.tree.map(lambda a: jnp.asarray(a), variables)
 
 
-def split_variables(variables: Mapping) -> dict[str, dict]:
-    """Component variables -> the model-directory layout ``{"frozen": {...}, "trainable": {...}}``."""
-    return {"frozen": {k: v for k, v in variables.items() if k in FROZEN},
-            "trainable": {k: v for k, v in variables.items() if k not in FROZEN}}
+def convert_checkpoint(model_state: Mapping[str, np.ndarray], codec_state: Mapping[str, np.ndarray],
+                       config: ALMTokenizer2Config, source: str = "release") -> dict[str, dict]:
+    """All of :func:`convert_components` at once, as device arrays (one component copied at a time)."""
+    return {name: jax.tree.map(jnp.asarray, variables)
+            for name, variables in convert_components(model_state, codec_state, config, source)}
 
 
 def merge_variables(tree: Mapping) -> dict[str, dict]:

@@ -14,12 +14,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import yaml
 
 from almtok_jax.config import ALMTokenizer2Config
 from almtok_jax.sqcodec import SQCodecConfig
-from almtok_jax.torch_io import load_state_dict
+from almtok_jax.torch_io import LazyTensor, open_state_dict
 
 
 class ReleaseError(ValueError):
@@ -28,12 +27,13 @@ class ReleaseError(ValueError):
 
 @dataclass
 class Release:
-    """The parsed release: both state dicts and where they came from."""
+    """The parsed release: both state dicts (names, shapes and dtypes read; values read on use) and where
+    they came from."""
 
     folder: Path
     checkpoint: Path
-    model_state: dict[str, np.ndarray]
-    codec_state: dict[str, np.ndarray]
+    model_state: dict[str, LazyTensor]
+    codec_state: dict[str, LazyTensor]
 
 
 def _resolve(folder: Path, name: str | None, default: str) -> Path:
@@ -102,5 +102,5 @@ def read_release(folder: str | Path, config: ALMTokenizer2Config) -> Release:
     check_release_configs(folder, train_args, config)
     checkpoint = newest_checkpoint(folder)
     codec = _resolve(folder, train_args.get("sq_resume"), "sqcodec.pth")
-    return Release(folder, checkpoint, load_state_dict(checkpoint, select="model"),
-                   load_state_dict(codec, select="codec_model"))
+    return Release(folder, checkpoint, open_state_dict(checkpoint, select="model"),
+                   open_state_dict(codec, select="codec_model"))

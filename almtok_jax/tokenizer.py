@@ -78,10 +78,10 @@ class ALMTokenizer2:
     @classmethod
     def load(cls, checkpoint_dir: str | Path, compat: Compat = "default") -> ALMTokenizer2:
         """Load a model directory written by ``convert_torch_weights.py`` or ``train.py --export``."""
-        from almtok_jax.train.checkpoint import load_model_dir
+        from almtok_jax.train.checkpoint import load_model_dir, to_device
 
         tree, config = load_model_dir(checkpoint_dir)
-        variables = jax.tree.map(jnp.asarray, merge_variables(tree))
+        variables = to_device(merge_variables(tree))
         return cls(variables, from_dict(ALMTokenizer2Config, config, where=f"{checkpoint_dir}/config.yaml"), compat)
 
     @property

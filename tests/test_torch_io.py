@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import pickletools
@@ -15,6 +14,22 @@ import numpy as np
 import pytest
 
 from almtok_jax.torch_io import CheckpointError, Opaque, load_checkpoint_tree, load_state_dict
+from tests.torch_zip import (
+    BINPERSID,
+    EMPTY_TUPLE,
+    NEWFALSE,
+    REDUCE,
+    dict_,
+    g,
+    i,
+    ints,
+    pickle_bytes,
+    s,
+    tensor,
+    tup,
+    write_safetensors,
+    write_torch_zip,
+)
 
 SHARED = Path(os.environ.get("ALMTOK_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
 READER = SHARED / "fixtures" / "reader"
@@ -27,83 +42,6 @@ PWNED2 = Path("/tmp/ALMTOK_PWNED2")
 def _need(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"fixture {path} not available")
-    return path
-
-
-# ----------------------------------------------------------------------------------------------------
-# a tiny protocol-2 pickle writer, to build torch-like checkpoints by hand (no torch needed)
-# ----------------------------------------------------------------------------------------------------
-
-MARK = b"("
-TUPLE = b"t"
-EMPTY_TUPLE = b")"
-EMPTY_DICT = b"}"
-SETITEM = b"s"
-REDUCE = b"R"
-BINPERSID = b"Q"
-NEWFALSE = b"\x89"
-
-
-def g(module: str, name: str) -> bytes:
-    return b"c" + module.encode() + b"\n" + name.encode() + b"\n"
-
-
-def s(text: str) -> bytes:
-    data = text.encode()
-    return b"X" + struct.pack("<I", len(data)) + data
-
-
-def i(value: int) -> bytes:
-    return b"J" + struct.pack("<i", value)
-
-
-def tup(*parts: bytes) -> bytes:
-    return MARK + b"".join(parts) + TUPLE
-
-
-def ints(*values: int) -> bytes:
-    return tup(*(i(v) for v in values))
-
-
-def dict_(items: dict[str, bytes], ordered: bool = False) -> bytes:
-    head = g("collections", "OrderedDict") + EMPTY_TUPLE + REDUCE if ordered else EMPTY_DICT
-    return head + b"".join(s(k) + v + SETITEM for k, v in items.items())
-
-
-def tensor(storage: str, key: str, numel: int, size: tuple, stride: tuple, offset: int = 0) -> bytes:
-    """``_rebuild_tensor_v2((storage pid), offset, size, stride, False, OrderedDict())``."""
-    pid = tup(s("storage"), g("torch", storage), s(key), s("cpu"), i(numel)) + BINPERSID
-    return (
-        g("torch._utils", "_rebuild_tensor_v2")
-        + tup(pid, i(offset), ints(*size), ints(*stride), NEWFALSE, dict_({}, ordered=True))
-        + REDUCE
-    )
-
-
-def pickle_bytes(body: bytes) -> bytes:
-    return b"\x80\x02" + body + b"."
-
-
-def write_torch_zip(
-    path: Path,
-    data_pkl: bytes,
-    storages: dict[str, bytes],
-    byteorder: str | None = "little",
-    folder: str = "archive",
-) -> Path:
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
-        zf.writestr(f"{folder}/data.pkl", data_pkl)
-        if byteorder is not None:
-            zf.writestr(f"{folder}/byteorder", byteorder)
-        for key, raw in storages.items():
-            zf.writestr(f"{folder}/data/{key}", raw)
-        zf.writestr(f"{folder}/version", "3\n")
-    return path
-
-
-def write_safetensors(path: Path, header: dict, data: bytes) -> Path:
-    text = json.dumps(header).encode()
-    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
     return path
 
 

@@ -8,6 +8,7 @@ restores take target shardings, so a checkpoint written on one mesh restores ont
 Model directories (:func:`save_model_dir` / :func:`load_model_dir`), shared with the weight converter::
 
     DIR/params/       orbax PyTree checkpoint of {"frozen": ..., "trainable": ..., ["extra": ...]}
+                      (in DIR/params/state/ when written in pieces by the weight converter)
     DIR/config.yaml   the resolved model config
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import yaml
+from flax import traverse_util
+from orbax.checkpoint.experimental.v1 import partial
 
 from almtok_jax.train.config import CheckpointConfig
 
@@ -86,18 +90,72 @@ def save_model_dir(directory: str | Path, variables: dict, config_yaml_text: str
     Atomic: written to ``DIR.tmp`` then renamed. A non-empty ``DIR`` is refused unless ``force=True``
     (then replaced). Every process calls it (orbax coordinates multi-host writes); process 0 renames.
     """
+    directory, tmp = _model_dir_tmp(directory, config_yaml_text, force)
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(tmp / "params", variables)
+    ckptr.wait_until_finished()
+    return _commit_model_dir(tmp, directory, config_yaml_text)
+
+
+def save_model_dir_pieces(directory: str | Path, pieces: Iterable[tuple[tuple[str, ...], dict]],
+                          config_yaml_text: str, force: bool = False) -> Path:
+    """:func:`save_model_dir` for variables that arrive in pieces (host NumPy arrays, one process):
+    ``(path, subtree)`` pairs such as ``(("frozen", "whisper"), whisper_variables)``, each written as it
+    comes (orbax partial saves of at most about :data:`SAVE_GROUP_BYTES` each) so that the caller can free
+    it before making the next. Atomic as a whole: if the iterable raises, the temporary folder is removed
+    and nothing else is touched."""
+    directory, tmp = _model_dir_tmp(directory, config_yaml_text, force)
+    tmp.mkdir(parents=True)
+    try:
+        for path, subtree in pieces:
+            for group in _leaf_groups(subtree, SAVE_GROUP_BYTES):
+                partial.save(tmp / "params", _nest(path, group))
+            del subtree
+        partial.finalize(tmp / "params")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return _commit_model_dir(tmp, directory, config_yaml_text)
+
+
+SAVE_GROUP_BYTES = 64 * 2**20
+"""Bytes of arrays per orbax partial save: orbax copies what one save is given, so this bounds the copy."""
+
+
+def _leaf_groups(tree: dict, limit: int) -> Iterator[dict]:
+    """``tree`` as sub-trees of the same nesting whose arrays add up to at most ``limit`` bytes (or one
+    larger array)."""
+    group, size = {}, 0
+    for key, leaf in traverse_util.flatten_dict(tree).items():
+        nbytes = leaf.nbytes
+        if group and size + nbytes > limit:
+            yield traverse_util.unflatten_dict(group)
+            group, size = {}, 0
+        group[key], size = leaf, size + nbytes
+    if group:
+        yield traverse_util.unflatten_dict(group)
+
+
+def _nest(path: tuple[str, ...], tree: dict) -> dict:
+    for name in reversed(path):
+        tree = {name: tree}
+    return tree
+
+
+def _model_dir_tmp(directory: str | Path, config_yaml_text: str, force: bool) -> tuple[Path, Path]:
+    """Checks before writing a model directory; ``(DIR, DIR.tmp)``, the latter cleared."""
     directory = Path(directory).absolute()
     if directory.exists() and any(directory.iterdir()) and not force:
         raise FileExistsError(f"{directory} exists and is not empty (pass force=True to replace it)")
     yaml.safe_load(config_yaml_text)  # refuse to write a config that cannot be read back
     tmp = directory.with_name(directory.name + ".tmp")
-    primary = jax.process_index() == 0
-    if primary and tmp.exists():
+    if jax.process_index() == 0 and tmp.exists():
         shutil.rmtree(tmp)
-    ckptr = ocp.StandardCheckpointer()
-    ckptr.save(tmp / "params", variables)
-    ckptr.wait_until_finished()
-    if primary:
+    return directory, tmp
+
+
+def _commit_model_dir(tmp: Path, directory: Path, config_yaml_text: str) -> Path:
+    if jax.process_index() == 0:
         (tmp / "config.yaml").write_text(config_yaml_text)
         if directory.exists():
             shutil.rmtree(directory)
@@ -116,11 +174,14 @@ def _restore_numpy(path: Path) -> dict:
 
 
 def load_model_dir(directory: str | Path) -> tuple[dict, dict]:
-    """``(variables as nested dict of NumPy arrays, config dict)`` from a :func:`save_model_dir` folder."""
+    """``(variables as nested dict of NumPy arrays, config dict)`` from a :func:`save_model_dir` or
+    :func:`save_model_dir_pieces` folder (peak memory about 1.1x the variables)."""
     directory = Path(directory).absolute()
     if not (directory / "params").is_dir() or not (directory / "config.yaml").is_file():
         raise FileNotFoundError(f"{directory} is not a model directory (needs params/ and config.yaml)")
-    variables = _restore_numpy(directory / "params")
+    params = directory / "params"
+    # save_model_dir_pieces (orbax partial saves) puts the tree one level down, in params/state
+    variables = _restore_numpy(params / "state" if (params / "state").is_dir() else params)
     config = yaml.safe_load((directory / "config.yaml").read_text()) or {}
     return variables, config
 
@@ -132,3 +193,11 @@ def export_params(directory: str | Path, state_trainable: Any, frozen: Any, conf
     if extra is not None:
         variables["extra"] = extra
     return save_model_dir(directory, variables, config_yaml_text, force=force)
+
+
+def to_device(tree: dict) -> dict:
+    """A nested dict of host arrays moved to the default device in place, one leaf at a time (each host
+    copy is dropped as soon as its device copy exists, so the peak stays near one copy of the tree)."""
+    for key, value in tree.items():
+        tree[key] = to_device(value) if isinstance(value, dict) else jax.numpy.asarray(value)
+    return tree
