@@ -19,13 +19,12 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import yaml
 
 from almtok_jax.component import DIT_CONFIG, SQ_CONFIG, WHISPER_CONFIG
 from almtok_jax.config import ALMTokenizer2Config, from_dict, read_yaml
 from almtok_jax.sqcodec import SQCodecConfig
-from almtok_jax.torch_io import load_state_dict
+from almtok_jax.torch_io import LazyTensor, open_state_dict
 
 
 class ReleaseError(ValueError):
@@ -34,12 +33,13 @@ class ReleaseError(ValueError):
 
 @dataclass
 class Release:
-    """The parsed release: both state dicts, the architecture and where they came from."""
+    """The parsed release: both state dicts (names, shapes and dtypes read; values read on use), the
+    architecture and where they came from."""
 
     folder: Path
     checkpoint: Path
-    model_state: dict[str, np.ndarray]
-    codec_state: dict[str, np.ndarray]
+    model_state: dict[str, LazyTensor]
+    codec_state: dict[str, LazyTensor]
     config: ALMTokenizer2Config
 
 
@@ -217,8 +217,8 @@ def read_release(folder: str | Path, config: ALMTokenizer2Config | None = None,
         check_release_configs(folder, files, config)
     checkpoint = select_checkpoint(folder, checkpoint_file)
     codec = _resolve(folder, train_args.get("sq_resume"), "sqcodec.pth")
-    model_state = load_state_dict(checkpoint, select="model")
-    codec_state = load_state_dict(codec, select="codec_model")
+    model_state = open_state_dict(checkpoint, select="model")
+    codec_state = open_state_dict(codec, select="codec_model")
     if config is None:
         config = derive_config(model_state, codec_state, files, source=str(checkpoint))
     return Release(folder, checkpoint, model_state, codec_state, config)

@@ -53,7 +53,7 @@ import pickle
 import struct
 import zipfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -492,76 +492,102 @@ def _check_bounds(ref: _TensorRef, available: int, path: Path) -> None:
 def _finish_dtype(array: np.ndarray, dtype: _DType) -> np.ndarray:
     """Native byte order; bfloat16 bit patterns widened to float32 (exact)."""
     if dtype.bf16:
-        return (array.astype(np.uint32) << 16).view(np.float32)
+        wide = array.astype(np.uint32)
+        wide <<= 16
+        return wide.view(np.float32)
     return array.astype(np.dtype(dtype.code), copy=False)
 
 
-class _StorageReader:
-    """Reads storage records on demand, each once, and drops them after their last use."""
+def _result_dtype(dtype: _DType) -> np.dtype:
+    """The dtype a tensor of ``dtype`` is returned as (bfloat16 as float32)."""
+    return np.dtype(np.float32) if dtype.bf16 else np.dtype(dtype.code)
 
-    def __init__(self, zf: zipfile.ZipFile, prefix: str, order: str, path: Path, uses: dict[str, int]):
-        self._zf, self._prefix, self._order, self._path = zf, prefix, order, path
-        self._uses = dict(uses)
-        self._cache: dict[str, bytes] = {}
 
-    def _raw(self, storage: _Storage) -> bytes:
-        if storage.key not in self._cache:
-            raw = _read_record(self._zf, f"{self._prefix}data/{storage.key}", self._path)
-            nbytes = storage.numel * (1 if storage.untyped else storage.dtype.itemsize)
-            if len(raw) < nbytes:
-                raise _fail(
-                    self._path,
-                    f"storage '{storage.key}' is shorter than needed: {len(raw)} bytes, expected {nbytes}",
-                )
-            self._cache[storage.key] = raw
-        return self._cache[storage.key]
+@dataclass(frozen=True)
+class _Record:
+    """Where a storage record's bytes lie: at ``offset`` in the file when stored uncompressed (as
+    ``torch.save`` and safetensors write them), else in the zip member ``name`` (read whole and
+    decompressed).  ``order`` is the byte order of its values (``'<'`` or ``'>'``)."""
 
-    def tensor(self, ref: _TensorRef) -> np.ndarray:
-        raw = self._raw(ref.storage)
-        dt = np.dtype(self._order + ref.dtype.code) if ref.dtype.itemsize > 1 else np.dtype(ref.dtype.code)
-        nbytes = ref.storage.numel * (1 if ref.storage.untyped else ref.storage.dtype.itemsize)
-        flat = np.frombuffer(raw, dtype=dt, count=nbytes // dt.itemsize)
-        _check_bounds(ref, flat.size, self._path)
-        if 0 in ref.size:
-            out = np.empty(ref.size, dtype=dt)
+    path: Path
+    order: str
+    offset: int | None = None
+    name: str | None = None
+
+    def read(self, begin: int, end: int) -> np.ndarray:
+        """Bytes ``[begin, end)`` of the record as a fresh, writeable ``uint8`` array."""
+        if self.offset is None:
+            with zipfile.ZipFile(self.path) as zf:
+                return np.frombuffer(_read_record(zf, self.name, self.path), np.uint8)[begin:end].copy()
+        out = np.empty(end - begin, np.uint8)
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset + begin)
+                got = f.readinto(memoryview(out))
+        except OSError as exc:
+            raise _fail(self.path, f"cannot read tensor data: {exc}") from exc
+        if got != out.size:
+            raise _fail(self.path, "tensor data is truncated (the file is shorter than its index says)")
+        return out
+
+
+class LazyTensor:
+    """A tensor of a checkpoint whose data is read only when asked for (:meth:`read`, ``np.asarray``).
+
+    ``shape`` and ``dtype`` (the dtype :meth:`read` returns: bfloat16 as float32) are known without
+    reading anything. Each read returns a fresh C-contiguous, writeable array and keeps nothing, so
+    holding a mapping of these costs no tensor memory.
+    """
+
+    __slots__ = ("_dtype", "_offset", "_record", "_stride", "shape")
+
+    def __init__(self, record: _Record, dtype: _DType, offset: int, shape: tuple[int, ...],
+                 stride: tuple[int, ...]):
+        self._record, self._dtype, self._offset, self._stride = record, dtype, offset, stride
+        self.shape = shape
+
+    @property
+    def dtype(self) -> np.dtype:
+        return _result_dtype(self._dtype)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    def read(self) -> np.ndarray:
+        """The tensor's values (only the bytes it views are read from the file)."""
+        item = self._dtype
+        if 0 in self.shape:
+            return np.empty(self.shape, _result_dtype(item))
+        span = 1 + sum((n - 1) * s for n, s in zip(self.shape, self._stride, strict=True))
+        stored = self._record.read(self._offset * item.itemsize, (self._offset + span) * item.itemsize)
+        stored = stored.view(self._record.order + item.code if item.itemsize > 1 else item.code)
+        if span == stored.size == int(np.prod(self.shape)) and self._stride == _c_strides(self.shape):
+            array = stored.reshape(self.shape)
         else:
-            strides = tuple(s * dt.itemsize for s in ref.stride)
-            view = np.lib.stride_tricks.as_strided(flat[ref.offset :], ref.size, strides, writeable=False)
-            out = np.array(view, order="C", copy=True)
-        self._release(ref.storage.key)
-        return _finish_dtype(out, ref.dtype)
+            strides = tuple(s * item.itemsize for s in self._stride)
+            view = np.lib.stride_tricks.as_strided(stored, self.shape, strides, writeable=False)
+            array = np.array(view, order="C")
+        return _finish_dtype(array, item)
 
-    def _release(self, key: str) -> None:
-        self._uses[key] = self._uses.get(key, 1) - 1
-        if self._uses[key] <= 0:
-            self._cache.pop(key, None)
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        array = self.read()
+        return array if dtype is None else array.astype(dtype, copy=False)
 
-
-def _iter_children(obj: Any) -> Iterator[Any]:
-    if isinstance(obj, dict):
-        yield from obj.keys()
-        yield from obj.values()
-    elif isinstance(obj, list | tuple | set | frozenset):
-        yield from obj
-    elif isinstance(obj, Opaque):
-        yield from (obj.args, obj.kwargs, obj.state, obj.items)
+    def __repr__(self) -> str:
+        return f"LazyTensor(shape={self.shape}, dtype={self.dtype})"
 
 
-def _count_storage_uses(root: Any) -> dict[str, int]:
-    """How many tensor references of ``root`` view each storage key (iterative, cycle-safe)."""
-    uses: dict[str, int] = {}
-    seen: set[int] = set()
-    stack = [root]
-    while stack:
-        obj = stack.pop()
-        if id(obj) in seen:
-            continue
-        seen.add(id(obj))
-        if isinstance(obj, _TensorRef):
-            uses[obj.storage.key] = uses.get(obj.storage.key, 0) + 1
-        else:
-            stack.extend(_iter_children(obj))
-    return uses
+def _c_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= n
+    return tuple(reversed(strides))
 
 
 def _marker_placeholder(obj: Any) -> Opaque:
@@ -575,14 +601,14 @@ def _marker_placeholder(obj: Any) -> Opaque:
 class _Materializer:
     """Replaces every ``_TensorRef`` of a tree by its ``np.ndarray`` and OrderedDicts by plain dicts."""
 
-    reader: _StorageReader
+    tensor: Callable[[_TensorRef], np.ndarray]
     memo: dict[int, Any] = field(default_factory=dict)
 
     def __call__(self, obj: Any) -> Any:
         if id(obj) in self.memo:
             return self.memo[id(obj)]
         if isinstance(obj, _TensorRef):
-            out: Any = self.reader.tensor(obj)
+            out: Any = self.tensor(obj)
         elif isinstance(obj, dict):
             out = {}
             self.memo[id(obj)] = out
@@ -609,20 +635,54 @@ class _Materializer:
         return out
 
 
+_LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature ... file name length, extra field length
+
+
 @dataclass
 class _TorchArchive:
-    """An open ``torch.save`` zip: the unpickled (lazy) tree and what is needed to read tensors."""
+    """An open ``torch.save`` zip: the unpickled tree (tensors as ``_TensorRef``) and its records."""
 
     zf: zipfile.ZipFile
     prefix: str
     order: str
     tree: Any
     path: Path
+    records: dict[str, tuple[_Record, int]] = field(default_factory=dict)
+
+    def _record(self, key: str) -> tuple[_Record, int]:
+        """The storage record ``key`` and its size in bytes (from the zip index, nothing read)."""
+        if key not in self.records:
+            name = f"{self.prefix}data/{key}"
+            try:
+                info = self.zf.getinfo(name)
+            except KeyError:
+                reason = f"missing record '{name}' in the zip (truncated or corrupt checkpoint)"
+                raise _fail(self.path, reason) from None
+            if info.compress_type != zipfile.ZIP_STORED:
+                self.records[key] = _Record(self.path, self.order, name=name), info.file_size
+            else:
+                self.zf.fp.seek(info.header_offset)
+                signature, name_len, extra_len = _LOCAL_HEADER.unpack(self.zf.fp.read(_LOCAL_HEADER.size))
+                if signature != b"PK\x03\x04":
+                    raise _fail(self.path, f"bad local header of record '{name}' (corrupt checkpoint)")
+                offset = info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
+                self.records[key] = _Record(self.path, self.order, offset=offset), info.file_size
+        return self.records[key]
+
+    def lazy(self, ref: _TensorRef) -> LazyTensor:
+        """A checked, unread tensor: its record exists, is long enough, and holds the whole view."""
+        record, size = self._record(ref.storage.key)
+        nbytes = ref.storage.numel * (1 if ref.storage.untyped else ref.storage.dtype.itemsize)
+        if size < nbytes:
+            raise _fail(
+                self.path, f"storage '{ref.storage.key}' is shorter than needed: {size} bytes, expected {nbytes}"
+            )
+        _check_bounds(ref, nbytes // ref.dtype.itemsize, self.path)
+        return LazyTensor(record, ref.dtype, ref.offset, ref.size, ref.stride)
 
     def materialize(self, obj: Any) -> Any:
-        reader = _StorageReader(self.zf, self.prefix, self.order, self.path, _count_storage_uses(obj))
         try:
-            return _Materializer(reader)(obj)
+            return _Materializer(lambda ref: self.lazy(ref).read())(obj)
         except RecursionError as exc:
             raise _fail(self.path, "object tree is nested too deeply") from exc
 
@@ -702,21 +762,14 @@ def _safetensors_entry(
     return dtype, tuple(shape), begin, end
 
 
-def _load_safetensors(
-    path: Path, header: dict[str, Any], start: int, file_size: int
-) -> dict[str, np.ndarray]:
+def _safetensors_tensors(path: Path, header: dict[str, Any], start: int, file_size: int) -> dict[str, LazyTensor]:
+    """The header's entries as unread tensors (every entry checked against the data section first)."""
     data_size = file_size - start
     entries = {k: _safetensors_entry(path, k, v, data_size) for k, v in header.items() if k != "__metadata__"}
-    out: dict[str, np.ndarray] = {}
-    with open(path, "rb") as f:
-        for name, (dtype, shape, begin, end) in entries.items():
-            f.seek(start + begin)
-            raw = f.read(end - begin)
-            if len(raw) != end - begin:
-                raise _fail(path, f"safetensors data for '{name}' is truncated")
-            array = np.frombuffer(raw, dtype=np.dtype(("<" if dtype.itemsize > 1 else "") + dtype.code))
-            out[name] = _finish_dtype(array.reshape(shape).copy(), dtype)
-    return out
+    return {
+        name: LazyTensor(_Record(path, "<", offset=start + begin), dtype, 0, shape, _c_strides(shape))
+        for name, (dtype, shape, begin, _end) in entries.items()
+    }
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -809,10 +862,38 @@ def load_checkpoint_tree(path: str | os.PathLike[str]) -> Any:
     p = Path(path)
     kind, info = _detect(p)
     if kind == "safetensors":
-        return _load_safetensors(p, *info)
+        return {k: v.read() for k, v in _safetensors_tensors(p, *info).items()}
     archive = _open_torch_zip(p)
     with archive.zf:
         return archive.materialize(archive.tree)
+
+
+def open_state_dict(path: str | os.PathLike[str], select: str | None = None) -> dict[str, LazyTensor]:
+    """A flat ``name -> LazyTensor`` state dict of a ``torch.save`` zip or a safetensors file, unread.
+
+    Names, shapes and dtypes come from the pickle or header alone; each tensor's bytes are read from
+    the file only when it is asked for (``np.asarray(t)`` or ``t.read()``), so a converter holds one
+    tensor at a time and never reads the ones it drops.  Everything that can be checked without the
+    data is checked here: the selection (as :func:`load_state_dict`), every storage record's presence
+    and length, every view's bounds.  The file must stay in place while the tensors are used.
+    """
+    p = Path(path)
+    kind, info = _detect(p)
+    if kind == "safetensors":
+        if select is not None:
+            raise _fail(p, f"select={select!r} given, but a safetensors file holds one flat dict")
+        tensors = _safetensors_tensors(p, *info)
+    else:
+        archive = _open_torch_zip(p)
+        with archive.zf:
+            where = "the top-level object" if select is None else f"entry {select!r}"
+            refs = _check_state_dict(_select(archive.tree, select, p), p, where)
+            tensors = {k: archive.lazy(ref) for k, ref in refs.items()}
+    names = _strip_prefix(list(tensors))
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise _fail(p, f"keys collide after stripping a leading {MODULE_PREFIX!r}: {dup[:10]!r}")
+    return dict(zip(names, tensors.values(), strict=True))
 
 
 def load_state_dict(path: str | os.PathLike[str], select: str | None = None) -> dict[str, np.ndarray]:
@@ -823,21 +904,6 @@ def load_state_dict(path: str | os.PathLike[str], select: str | None = None) -> 
     arbitrary user objects) are never read beyond the pickle and may hold anything inert.  Every value
     of the selected dict must be a tensor (else :class:`CheckpointError` listing the offenders).  A
     leading ``module.`` is stripped from each key.  bfloat16 becomes float32; other dtypes are kept.
+    Everything is read at once: :func:`open_state_dict` reads tensors one by one instead.
     """
-    p = Path(path)
-    kind, info = _detect(p)
-    if kind == "safetensors":
-        if select is not None:
-            raise _fail(p, f"select={select!r} given, but a safetensors file holds one flat dict")
-        arrays = _load_safetensors(p, *info)
-    else:
-        archive = _open_torch_zip(p)
-        with archive.zf:
-            where = "the top-level object" if select is None else f"entry {select!r}"
-            refs = _check_state_dict(_select(archive.tree, select, p), p, where)
-            arrays = archive.materialize(dict(refs))
-    names = _strip_prefix(list(arrays))
-    if len(set(names)) != len(names):
-        dup = sorted({n for n in names if names.count(n) > 1})
-        raise _fail(p, f"keys collide after stripping a leading {MODULE_PREFIX!r}: {dup[:10]!r}")
-    return dict(zip(names, arrays.values(), strict=True))
+    return {name: tensor.read() for name, tensor in open_state_dict(path, select).items()}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import pickletools
@@ -15,6 +14,22 @@ import numpy as np
 import pytest
 
 from almtok_jax.torch_io import CheckpointError, Opaque, load_checkpoint_tree, load_state_dict
+from tests.torch_zip import (
+    BINPERSID,
+    EMPTY_TUPLE,
+    NEWFALSE,
+    REDUCE,
+    dict_,
+    g,
+    i,
+    ints,
+    pickle_bytes,
+    s,
+    tensor,
+    tup,
+    write_safetensors,
+    write_torch_zip,
+)
 
 SHARED = Path(os.environ.get("ALMTOK_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
 READER = SHARED / "fixtures" / "reader"
@@ -27,83 +42,6 @@ PWNED2 = Path("/tmp/ALMTOK_PWNED2")
 def _need(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"fixture {path} not available")
-    return path
-
-
-# ----------------------------------------------------------------------------------------------------
-# a tiny protocol-2 pickle writer, to build torch-like checkpoints by hand (no torch needed)
-# ----------------------------------------------------------------------------------------------------
-
-MARK = b"("
-TUPLE = b"t"
-EMPTY_TUPLE = b")"
-EMPTY_DICT = b"}"
-SETITEM = b"s"
-REDUCE = b"R"
-BINPERSID = b"Q"
-NEWFALSE = b"\x89"
-
-
-def g(module: str, name: str) -> bytes:
-    return b"c" + module.encode() + b"\n" + name.encode() + b"\n"
-
-
-def s(text: str) -> bytes:
-    data = text.encode()
-    return b"X" + struct.pack("<I", len(data)) + data
-
-
-def i(value: int) -> bytes:
-    return b"J" + struct.pack("<i", value)
-
-
-def tup(*parts: bytes) -> bytes:
-    return MARK + b"".join(parts) + TUPLE
-
-
-def ints(*values: int) -> bytes:
-    return tup(*(i(v) for v in values))
-
-
-def dict_(items: dict[str, bytes], ordered: bool = False) -> bytes:
-    head = g("collections", "OrderedDict") + EMPTY_TUPLE + REDUCE if ordered else EMPTY_DICT
-    return head + b"".join(s(k) + v + SETITEM for k, v in items.items())
-
-
-def tensor(storage: str, key: str, numel: int, size: tuple, stride: tuple, offset: int = 0) -> bytes:
-    """``_rebuild_tensor_v2((storage pid), offset, size, stride, False, OrderedDict())``."""
-    pid = tup(s("storage"), g("torch", storage), s(key), s("cpu"), i(numel)) + BINPERSID
-    return (
-        g("torch._utils", "_rebuild_tensor_v2")
-        + tup(pid, i(offset), ints(*size), ints(*stride), NEWFALSE, dict_({}, ordered=True))
-        + REDUCE
-    )
-
-
-def pickle_bytes(body: bytes) -> bytes:
-    return b"\x80\x02" + body + b"."
-
-
-def write_torch_zip(
-    path: Path,
-    data_pkl: bytes,
-    storages: dict[str, bytes],
-    byteorder: str | None = "little",
-    folder: str = "archive",
-) -> Path:
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
-        zf.writestr(f"{folder}/data.pkl", data_pkl)
-        if byteorder is not None:
-            zf.writestr(f"{folder}/byteorder", byteorder)
-        for key, raw in storages.items():
-            zf.writestr(f"{folder}/data/{key}", raw)
-        zf.writestr(f"{folder}/version", "3\n")
-    return path
-
-
-def write_safetensors(path: Path, header: dict, data: bytes) -> Path:
-    text = json.dumps(header).encode()
-    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
     return path
 
 
@@ -553,3 +491,28 @@ def test_safetensors_bad_header(tmp_path: Path) -> None:
     truncated.write_bytes(truncated.read_bytes()[:-4])
     with pytest.raises(CheckpointError, match="bad data_offsets"):
         load_state_dict(truncated)
+
+
+def test_open_state_dict_reads_only_the_tensors_asked_for(shared_dir, monkeypatch):
+    """The release reader's lazy state dict: names, shapes and dtypes without data; values equal to the eager
+    reader's; converting one component reads only that component's kept keys (dropped ones never)."""
+    from almtok_jax.config import load_model_config
+    from almtok_jax.experts.fusion import FUSION
+    from almtok_jax.torch_io import LazyTensor, load_state_dict, open_state_dict
+
+    path = shared_dir / "fixtures/release_tiny/ep5.checkpoint"
+    reads: list[tuple[int, ...]] = []
+    original = LazyTensor.read
+    monkeypatch.setattr(LazyTensor, "read", lambda self: reads.append(self.shape) or original(self))
+    eager = load_state_dict(path, select="model")
+    reads.clear()
+    lazy = open_state_dict(path, select="model")
+    assert list(lazy) == list(eager) and not reads
+    assert all(lazy[k].shape == eager[k].shape and lazy[k].dtype == eager[k].dtype for k in eager)
+    fusion_keys = [k for k in lazy if FUSION.owns(k)]
+    FUSION.load(lazy, FUSION.config(load_model_config("tiny_release")))
+    assert len(reads) == len(fusion_keys) > 0
+    reads.clear()
+    for k in ("pretrained_model.model.model.quantizer_melspec_2048.codebook", "whisper_encoder.conv1.weight"):
+        np.testing.assert_array_equal(np.asarray(lazy[k]), eager[k])
+    assert len(reads) == 2
