@@ -18,6 +18,7 @@ lists them in the order of the model picture. A component says
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -71,8 +72,9 @@ class Component:
         return prefixed(self.key_prefix, self.rules(config))
 
     def abstract_variables(self, config: Any) -> dict:
-        """``jax.ShapeDtypeStruct`` tree of every variable (``jax.eval_shape`` of the module's ``init``)."""
-        return jax.eval_shape(self.module(config).init, jax.random.key(0), *self.example_inputs(config))
+        """``jax.ShapeDtypeStruct`` tree of every variable (``jax.eval_shape`` of the module's ``init``;
+        traced once per config)."""
+        return _abstract_variables(self, config)
 
     def init(self, config: Any, key: jax.Array) -> dict:
         """Fresh variables from the module's own initializers (jit it: the dummy forward pass is then dead)."""
@@ -94,3 +96,8 @@ class Component:
             expected = {col: {n: t for n, t in tree.items() if n in names} for col, tree in expected.items()}
             expected = {col: tree for col, tree in expected.items() if tree}
         return convert_state_dict(owned, self.key_rules(config), expected, source=source)
+
+
+@functools.cache
+def _abstract_variables(component: Component, config: Any) -> dict:
+    return jax.eval_shape(component.module(config).init, jax.random.key(0), *component.example_inputs(config))
