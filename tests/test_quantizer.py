@@ -119,7 +119,7 @@ def test_fresh_layer_scales_come_from_the_config(tiny_variables):
     for stack in ("encoder_transformers", "decoder_transformers"):
         blocks = tiny_variables["params"][stack]["blocks"]
         for name in ("self_attn_scale", "ff_scale"):
-            np.testing.assert_array_equal(blocks[name], np.full((1, TINY.dim), TINY.block.layer_scale_init))
+            np.testing.assert_array_equal(blocks[name], np.full((1, TINY.dim), TINY.block.layer_scale_init, np.float32))
 
 
 def test_decoder_only_loading_matches_sampler_fixture(shared_dir):
