@@ -26,6 +26,7 @@ lists them in the order of the model picture. A component says
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -124,8 +125,9 @@ class Component:
         return prefixed(self.key_prefix, self.rules(config))
 
     def abstract_variables(self, config: Any) -> dict:
-        """``jax.ShapeDtypeStruct`` tree of every variable (``jax.eval_shape`` of the module's ``init``)."""
-        return jax.eval_shape(self.module(config).init, jax.random.key(0), *self.example_inputs(config))
+        """``jax.ShapeDtypeStruct`` tree of every variable (``jax.eval_shape`` of the module's ``init``;
+        traced once per config)."""
+        return _abstract_variables(self, config)
 
     def init(self, config: Any, key: jax.Array) -> dict:
         """Fresh variables from the module's own initializers (jit it: the dummy forward pass is then dead)."""
@@ -154,3 +156,8 @@ def replace_at(config: Any, path: str, value: Any) -> Any:
     head, _, rest = path.partition(".")
     new = replace_at(getattr(config, head), rest, value) if rest else value
     return dataclasses.replace(config, **{head: new})
+
+
+@functools.cache
+def _abstract_variables(component: Component, config: Any) -> dict:
+    return jax.eval_shape(component.module(config).init, jax.random.key(0), *component.example_inputs(config))

@@ -20,6 +20,11 @@ class ConfigError(ValueError):
     allowed."""
 
 
+class ModelDirError(ValueError):
+    """A model directory is missing, incomplete or unreadable, or its config disagrees with its weights or
+    with itself; the message names the directory and what is wrong."""
+
+
 def _is_dataclass_type(tp: Any) -> bool:
     return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
@@ -117,7 +122,11 @@ def from_dict(cls: type[T], data: Mapping, where: str | None = None, *, complete
     missing = [f for f in fields if f not in data]
     if complete and missing:
         raise ConfigError(f"{where}: missing config keys {missing}; every one of {fields} is needed")
-    return cls(**{k: _build(hints[k], v, f"{where}.{k}") for k, v in data.items()})
+    kwargs = {k: _build(hints[k], v, f"{where}.{k}") for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ValueError as e:  # the dataclass's own consistency check (__post_init__)
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def to_dict(config: Any) -> Any:

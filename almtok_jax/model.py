@@ -32,7 +32,7 @@ from flax import traverse_util
 from almtok_jax.audio import resample, whisper_log_mel
 from almtok_jax.compat import Compat
 from almtok_jax.component import CODEC_STATE, MODEL_STATE, Component, DeriveError, ReleaseFiles
-from almtok_jax.config import ALMTokenizer2Config, model_config_from_dict
+from almtok_jax.config import ALMTokenizer2Config, ConfigError, ModelDirError, model_config_from_dict
 from almtok_jax.experts.fusion import FUSION, ExpertFusion
 from almtok_jax.experts.musicfm import MUSICFM, MusicFM
 from almtok_jax.experts.wavlm import WAVLM, WavLMExpert
@@ -56,10 +56,6 @@ Array = jax.Array
 
 COMPONENTS: tuple[Component, ...] = (WHISPER, WAVLM, MUSICFM, FUSION, QUANTIZER, GPT, FLOW, SQCODEC)
 FROZEN = tuple(c.name for c in COMPONENTS if c.frozen)
-
-
-class ModelDirectoryError(ValueError):
-    """A model directory's config disagrees with its weights or with itself."""
 
 
 def components(config: ALMTokenizer2Config, names: tuple[str, ...] | None = None) -> tuple[Component, ...]:
@@ -224,12 +220,12 @@ def pipeline_problems(config: ALMTokenizer2Config) -> list[str]:
 
 def _raise(directory: str | Path, what: str, problems: list[str]) -> None:
     if problems:
-        raise ModelDirectoryError(f"model directory {directory}: {what}:\n  " + "\n  ".join(problems))
+        raise ModelDirError(f"model directory {directory}: {what}:\n  " + "\n  ".join(problems))
 
 
 def check_model(variables: Mapping, config: ALMTokenizer2Config, where: str | Path,
                 names: tuple[str, ...] | None = None) -> None:
-    """Raise :class:`ModelDirectoryError` naming ``where`` unless ``config`` fits ``variables`` (the
+    """Raise :class:`ModelDirError` naming ``where`` unless ``config`` fits ``variables`` (the
     components ``names``, default all) and its pipeline numbers fit the model."""
     _raise(where, "config.yaml does not match the stored weights", variable_problems(variables, config, names))
     _raise(where, "config.yaml pipeline does not match the model", pipeline_problems(config))
@@ -241,7 +237,10 @@ def load_model(directory: str | Path) -> tuple[dict, ALMTokenizer2Config]:
     from almtok_jax.train.checkpoint import load_model_dir  # orbax: only when a directory is read
 
     tree, raw = load_model_dir(directory)
-    config = model_config_from_dict(raw, where=f"{directory}/config.yaml")
+    try:
+        config = model_config_from_dict(raw, where="config.yaml")
+    except ConfigError as e:
+        raise ModelDirError(f"model directory {directory}: {e}") from None
     variables = merge_variables(tree)
     check_model(variables, config, directory)
     return variables, config

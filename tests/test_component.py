@@ -19,12 +19,11 @@ from almtok_jax.mapping import MappingError
 from almtok_jax.model import (
     COMPONENTS,
     FROZEN,
-    ModelDirectoryError,
+    ModelDirError,
     abstract_variables,
     convert_checkpoint,
     split_variables,
 )
-from almtok_jax.quantizer.query import QUANTIZER
 from almtok_jax.sqcodec import SQCODEC
 from almtok_jax.tokenizer import ALMTokenizer2
 from almtok_jax.train.checkpoint import save_model_dir
@@ -58,18 +57,14 @@ def test_a_key_no_component_owns_is_named():
 
 
 def test_module_initializers_are_the_training_init():
-    """PReLU slopes 0.25, weight-norm g = |v| (unit-scale kernels), LayerScale from the config."""
-    sq = replace(TINY.sqcodec, downsample_factors=(2, 3), downsample_kernel_sizes=(4, 6), upsample_factors=(3, 2),
-                 upsample_kernel_sizes=(6, 4))
+    """PReLU slopes 0.25 and weight-norm g = |v| per output channel (unit-scale kernels); LayerScale from the
+    config: tests/test_quantizer.py."""
+    sq = replace(TINY.sqcodec, downsample_factors=(2,), downsample_kernel_sizes=(4,), upsample_factors=(2,),
+                 upsample_kernel_sizes=(4,))
     codec = SQCODEC.init(sq, jax.random.key(0))["params"]
     assert float(codec["encoder"]["down_activation"][0]) == 0.25
-    conv = codec["encoder"]["layers_0"]
-    np.testing.assert_allclose(conv["weight_g"], np.linalg.norm(np.asarray(conv["weight_v"]).reshape(-1, conv[
-        "weight_v"].shape[-1]), axis=0), rtol=1e-6)
-    q = replace(TINY.quantizer, block=replace(TINY.quantizer.block, layer_scale_init=0.125))
-    blocks = jax.jit(QUANTIZER.init, static_argnums=0)(q, jax.random.key(0))["params"]["encoder_transformers"]
-    scale = np.asarray(blocks["blocks"]["self_attn_scale"])
-    assert scale.shape == (q.encoder_depth, q.dim) and np.all(scale == 0.125)
+    v, g = (np.asarray(codec["encoder"]["layers_0"][k]) for k in ("weight_v", "weight_g"))
+    np.testing.assert_allclose(g, np.linalg.norm(v.reshape(-1, v.shape[-1]), axis=0), rtol=1e-6)
 
 
 # ------------------------------------------------------------------------------------ model directories
@@ -102,7 +97,9 @@ def test_a_consistent_directory_loads(model_dir):
 
 @pytest.mark.parametrize(("section", "key", "value", "message"), [
     ("pipeline", "sample_rate", 16000,
-     r"pipeline\.sample_rate is 16000 but sqcodec\.sample_rate is 24000"),
+     r"config\.yaml: ALMTokenizer2Config: every part reads the same waveform, but the rates differ: "
+     r"\{'pipeline\.sample_rate': 16000, "
+     r"'sqcodec\.sample_rate': 24000"),
     ("quantizer.rvq", "codebook_size", 65,
      r"component quantizer: codebook/vq_embed/embed: stored shape \(8, 64, 8\), the config implies \(8, 65, 8\)"),
     ("pipeline", "min_duration", 6.0,
@@ -115,7 +112,7 @@ def test_a_consistent_directory_loads(model_dir):
 ])
 def test_config_that_contradicts_the_model_is_refused(model_dir, tmp_path, section, key, value, message):
     directory = _with_config(model_dir, tmp_path, section, key, value)
-    with pytest.raises(ModelDirectoryError, match=message) as info:
+    with pytest.raises(ModelDirError, match=message) as info:
         ALMTokenizer2.load(directory)
     assert str(info.value).startswith(f"model directory {directory}: config.yaml")
 
@@ -126,6 +123,6 @@ def test_training_start_checks_the_directory_against_the_training_preset(model_d
     variables = directory_variables(model_dir, TINY)
     assert set(variables) == set(abstract_variables(TINY))
     wider = replace(TINY, fusion=replace(TINY.fusion, codec_dim=2 * TINY.fusion.codec_dim))
-    with pytest.raises(ModelDirectoryError, match=r"for the training model config\): config.yaml does not match "
+    with pytest.raises(ModelDirError, match=r"for the training model config\): config.yaml does not match "
                                                   r"the stored weights:\n  component fusion: "):
         directory_variables(model_dir, wider)

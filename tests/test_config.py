@@ -58,7 +58,7 @@ def test_bad_training_values_name_key_value_and_what_is_allowed(assignment, part
 
 @pytest.mark.parametrize(("assignment", "parts"), [
     ("dit.dtype=float16", ("dit.dtype", "'float16'", "'float32', 'bfloat16'")),
-    ("sampler.solver=rk4", ("sampler.solver", "'rk4'", "'euler', 'midpoint'")),
+    ("sampler.solver=rk5", ("sampler.solver", "'rk5'", "'euler', 'midpoint', 'heun', 'rk4', 'ab2'")),
     ("quantizer.rvq.gradient=ste", ("quantizer.rvq.gradient", "'ste'", "'rotation_trick', 'straight_through'")),
     ("quantizer.rvq.codebook_size=64.0", ("quantizer.rvq.codebook_size", "64.0", "an integer")),
     ("experts.wavlm.feature_layers=[1, 2, 3]", ("experts.wavlm.feature_layers", "[1, 2, 3]", "a list of 2 values")),

@@ -124,6 +124,14 @@ def test_train_forward_updates_codebook_and_is_differentiable(tiny_variables):
     assert float(jnp.abs(grads["vq_embed"]["project_in"]["kernel"]).sum()) > 0
 
 
+def test_fresh_layer_scales_come_from_the_config(tiny_variables):
+    """The training init (the module's own initializers) sets every LayerScale to ``block.layer_scale_init``."""
+    for stack in ("encoder_transformers", "decoder_transformers"):
+        blocks = tiny_variables["params"][stack]["blocks"]
+        for name in ("self_attn_scale", "ff_scale"):
+            np.testing.assert_array_equal(blocks[name], np.full((1, TINY.dim), TINY.block.layer_scale_init, np.float32))
+
+
 def test_decoder_only_loading_matches_sampler_fixture(shared_dir):
     from almtok_jax.golden.runner import load_fixture
     from almtok_jax.quantizer.query import DECODER_PARTS

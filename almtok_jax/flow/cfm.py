@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import flax.linen as nn
 import jax
@@ -167,9 +168,11 @@ RUNGE_KUTTA: dict[str, tuple[tuple[float, ...], tuple[tuple[float, ...], ...], t
 # any time grid works), Euler for the first step. (A third order would need a second-order start to keep
 # its order: with an Euler start it converges at order 2.)
 ADAMS_BASHFORTH = {"ab2": 2}
-SOLVERS = (*RUNGE_KUTTA, *ADAMS_BASHFORTH)
+Solver = Literal["euler", "midpoint", "heun", "rk4", "ab2"]
+SOLVERS = get_args(Solver)
 SOLVER_ORDER = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4, "ab2": 2}
-TIME_GRIDS = ("uniform", "power", "cosine")
+TimeGrid = Literal["uniform", "power", "cosine"]
+TIME_GRIDS = get_args(TimeGrid)
 
 
 @dataclass(frozen=True)
@@ -185,9 +188,9 @@ class SamplerConfig:
     # to the converged solution is at most the reference's (Euler, 50 uniform steps); see benchmarks/README.
     num_steps: int = 50
     guidance_scale: float = 1.5  # > 1: classifier-free guidance with a doubled (2B) batch; ≤ 1: no CFG
-    solver: str = "euler"  # one of SOLVERS
+    solver: Solver = "euler"
     sigma_min: float = SIGMA_MIN
-    time_grid: str = "cosine"  # one of TIME_GRIDS
+    time_grid: TimeGrid = "cosine"
     grid_power: float = 2.0  # exponent of the "power" grid
 
     def __post_init__(self) -> None:

@@ -26,13 +26,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 import yaml
 
+from almtok_jax.config import ModelDirError
 from almtok_jax.train.config import CheckpointConfig
 
 log = logging.getLogger("almtok_jax.train")
 
-
-class ModelDirError(ValueError):
-    """A model directory is missing, incomplete or unreadable; the message names the directory and the part."""
 
 
 def _quiet_closed_loop_reports() -> None:
