@@ -1,95 +1,15 @@
 """Convert a released ALMTokenizer2 (PyTorch) into an almtok-jax model directory.
 
-    python convert_torch_weights.py --release DIR_OR_REPO_ID --out checkpoints/almtokenizer2 \
-        [--config YAML] [--checkpoint-file ep5.checkpoint] [--force]
+    python convert_torch_weights.py --release DIR_OR_REPO_ID --out checkpoints/almtokenizer2 [...]
 
-``--release`` is a folder laid out like ``Dongchao/almtokenizer2`` (``ep*.checkpoint``, ``sqcodec.pth``,
-``sq_config.yaml``, ``config.yaml``, ``whisper-medium/config.json``), or a model-hub repo id (only the files
-read here are downloaded, when ``huggingface_hub`` is installed; the hub cache serves a second run). The
-architecture comes from the release: ``sq_config.yaml``, ``model_config.json``, ``whisper-medium/config.json``
-and the key names and shapes of the checkpoint (newest epoch/iteration unless ``--checkpoint-file`` names
-one); ``--config`` overrides it with a preset, which the release files are then checked against. Every
-tensor is checked against the architecture; missing, unexpected and mis-shaped tensors are listed
-together. Nothing from the checkpoint's pickles is executed. The output (an orbax checkpoint with
-``frozen`` experts + SQ codec and the ``trainable`` parts, plus the resolved ``config.yaml``) is written
-to a temporary folder and renamed, so a failed run leaves nothing behind. ``--force`` replaces an existing
-model directory (and nothing else) by renaming it aside, renaming the new one in, then deleting the old.
+The command lives in :mod:`almtok_jax.convert` (installed as ``almtok-convert``); ``--help`` lists its options.
 """
 
-from __future__ import annotations
-
-import argparse
 import sys
-from pathlib import Path
 
-from almtok_jax.config import load_model_config, to_dict
+from almtok_jax.convert import fetch_release, main
 
-
-def fetch_release(release: str, checkpoint_file: str | None = None) -> Path:
-    """A local folder as is; otherwise a hub repo id, of which the files the converter reads are downloaded
-    with ``huggingface_hub``."""
-    path = Path(release)
-    if path.exists():
-        return path
-    from almtok_jax.release import ReleaseError, download_release
-
-    if release.count("/") != 1 or release.startswith((".", "/")):
-        raise ReleaseError(f"release folder {release} does not exist")
-    try:
-        import huggingface_hub
-    except ImportError:
-        raise ReleaseError(f"{release} is not a folder, and downloading it needs huggingface_hub "
-                           "(pip install 'almtok-jax[hub]')") from None
-    try:
-        return download_release(huggingface_hub, release, checkpoint_file)
-    except ReleaseError:
-        raise
-    except Exception as e:  # network errors come in many types; report them all the same way, on one line
-        reason = (str(e).strip().splitlines() or [""])[0]
-        raise ReleaseError(f"could not download {release} from the model hub ({type(e).__name__}: {reason}); "
-                           "download it by hand and pass the folder") from None
-
-
-def convert(release: Path, out: Path, config_path: Path | None = None, force: bool = False,
-            checkpoint_file: str | None = None) -> Path:
-    """Read, validate and write; returns the output folder."""
-    import yaml
-
-    from almtok_jax.model import convert_checkpoint, split_variables
-    from almtok_jax.release import read_release
-    from almtok_jax.train.checkpoint import check_replaceable, save_model_dir
-
-    check_replaceable(out, force)  # before the (long) read, not after it
-    given = load_model_config(config_path) if config_path is not None else None
-    rel = read_release(release, given, checkpoint_file)
-    variables = convert_checkpoint(rel.model_state, rel.codec_state, rel.config, source=str(rel.checkpoint))
-    config_yaml = yaml.safe_dump(to_dict(rel.config), sort_keys=False)
-    return save_model_dir(out, split_variables(variables), config_yaml, force=force)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--release", required=True, help="release folder or hub repo id (Dongchao/almtokenizer2)")
-    parser.add_argument("--out", required=True, type=Path, help="output model directory")
-    parser.add_argument("--config", type=Path, default=None,
-                        help="architecture preset overriding the release's own (checked against its files)")
-    parser.add_argument("--checkpoint-file", default=None,
-                        help="checkpoint to convert (default: the newest ep<N>[-iter<M>].checkpoint)")
-    parser.add_argument("--force", action="store_true", help="replace an existing model directory")
-    args = parser.parse_args(argv)
-    from almtok_jax.mapping import MappingError
-    from almtok_jax.release import ReleaseError
-    from almtok_jax.torch_io import CheckpointError
-
-    try:
-        release = fetch_release(args.release, args.checkpoint_file)
-        out = convert(release, args.out, args.config, args.force, args.checkpoint_file)
-    except (MappingError, ReleaseError, CheckpointError, OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"wrote {out}")
-    return 0
-
+__all__ = ["fetch_release", "main"]
 
 if __name__ == "__main__":
     sys.exit(main())
