@@ -5,10 +5,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import jax
-import pytest
-
 REPO = Path(__file__).resolve().parents[1]
+# One persistent compilation cache for the whole run, inherited by every subprocess a test starts (CLI runs,
+# multi-process training and tokenizing): the same program is compiled once per run, not once per process.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(REPO / ".pytest_cache" / "jax"))
+
+import jax  # noqa: E402  (after the cache location is set)
+import pytest  # noqa: E402
+
 SHARED = Path(os.environ.get("ALMTOK_SHARED", REPO.parent / "shared")).resolve()
 FIXTURES = SHARED / "fixtures"
 AUDIO = SHARED / "audio"

@@ -60,9 +60,8 @@ def _contents(out: Path) -> dict[str, bytes]:
 
 
 def _env(tmp_path_factory) -> dict[str, str]:
-    cache = os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(tmp_path_factory.getbasetemp() / "jax_cache")
     return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-            "JAX_COMPILATION_CACHE_DIR": cache, "JAX_DEFAULT_MATMUL_PRECISION": "highest",
+            "JAX_DEFAULT_MATMUL_PRECISION": "highest",
             "PYTHONPATH": str(REPO)}
 
 

@@ -35,8 +35,7 @@ RESUME_AT = 25  # a checkpoint of the 50-step run; the restart continues 3 steps
 
 
 def _start(workdir: Path, steps: int, *args: str, resume: bool = False) -> tuple[Path, subprocess.Popen]:
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
-           "JAX_COMPILATION_CACHE_DIR": str(workdir.parent / "jax_cache")}
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
     cmd = [sys.executable, str(REPO / "train.py"), "--config", str(CONFIG), "--workdir", str(workdir),
            "--steps", str(steps), *(["--resume"] if resume else []), *args]
     return workdir, subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
