@@ -5,10 +5,13 @@
 
 ``--steps N``: the number of optimizer steps to reach (a resumed run continues up to N); it does not
 change the learning-rate schedule, whose horizon comes from the config (``schedule.total_steps``, else
-``steps``, else ``epochs``). ``key=value`` overrides use dotted config keys
-(``optimizer.learning_rate=3e-4``).
+``steps``, else ``epochs``); past the horizon the learning rate stays at its final value (logged once).
+``key=value`` overrides use dotted config keys (``optimizer.learning_rate=3e-4``).
 Everything goes under ``--workdir``: ``config.yaml`` (resolved), ``metrics.jsonl``, ``sharding.json``,
-``checkpoints/``, ``tensorboard/``, ``samples/``. Multi-host launch: see :mod:`almtok_jax.train.sharding`.
+``checkpoints/``, ``tensorboard/``, ``samples/``. ``--workdir``, ``--export``, ``init`` and the data lists
+may be local paths or URIs (``gs://bucket/run``: ``etils.epath``, as orbax). Multi-host: set
+``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID`` on each process (see
+:mod:`almtok_jax.train.sharding`).
 """
 
 from __future__ import annotations
@@ -16,12 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import yaml
+from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -39,6 +42,7 @@ from almtok_jax.train.state import (
     make_optimizer,
     make_schedule,
     make_train_step,
+    past_horizon_note,
     path_names,
 )
 
@@ -68,7 +72,7 @@ def put_global(tree: object, shardings: object) -> object:
 def model_config_text(config: TrainConfig) -> str:
     if config.model == "toy":
         return yaml.safe_dump({"model": "toy"})
-    return Path(config.model).read_text()
+    return epath.Path(config.model).read_text()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -76,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     setup_console()
     shard_lib.maybe_initialize_distributed(args.multihost)
     config = override(load_yaml(TrainConfig, args.config), args.overrides)
-    workdir = Path(args.workdir)
+    workdir = ckpt_lib.location(args.workdir)
     primary = jax.process_index() == 0
     if primary:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -87,11 +91,13 @@ def main(argv: list[str] | None = None) -> None:
     mesh = shard_lib.make_mesh(config.mesh)
     num_clips = data_lib.dataset_size(config.data.train, config.data)
     total_steps = args.steps if args.steps is not None else config.total_steps(num_clips)
-    schedule = make_schedule(config.schedule, config.optimizer.learning_rate,
-                             config.schedule_steps(num_clips), config.warmup_steps(num_clips))
+    horizon = config.schedule_steps(num_clips)
+    schedule = make_schedule(config.schedule, config.optimizer.learning_rate, horizon,
+                             config.warmup_steps(num_clips))
     log.info("mesh %s over %d devices; %d clips; %d steps (schedule horizon %d, warmup %d)",
-             dict(mesh.shape), mesh.size, num_clips, total_steps, config.schedule_steps(num_clips),
-             config.warmup_steps(num_clips))
+             dict(mesh.shape), mesh.size, num_clips, total_steps, horizon, config.warmup_steps(num_clips))
+    if note := past_horizon_note(total_steps, horizon, schedule):
+        log.warning(note)
 
     task = build_task(config.model, config)
     names = task.param_names or path_names
@@ -164,7 +170,7 @@ class EvalHooks:
     def __init__(self, config: TrainConfig, task, mesh, state_sh, frozen_sh, batch_sh, logger: TrainLogger):
         self.config, self.task, self.mesh, self.logger = config, task, mesh, logger
         v = config.validation
-        self.loaders = {Path(p).stem: data_lib.make_loader(p, config.data, config.seed, shuffle=False,
+        self.loaders = {epath.Path(p).stem: data_lib.make_loader(p, config.data, config.seed, shuffle=False,
                                                            num_epochs=1) for p in v.lists} if v.every else {}
         replicated = NamedSharding(mesh, PartitionSpec())
         self.eval_step = jax.jit(make_eval_step(task), out_shardings=replicated,

@@ -28,6 +28,7 @@ from almtok_jax.train.state import (
     make_optimizer,
     make_schedule,
     make_train_step,
+    past_horizon_note,
     path_names,
     toy_task,
 )
@@ -90,6 +91,18 @@ def test_cosine_schedule_matches_reference_formula():
     np.testing.assert_allclose(float(lr(c)), 1e-4 * 0.5 * (1 + math.cos(math.pi * (c - 30) / 970)), rtol=1e-5)
     assert float(lr(total)) == pytest.approx(0.0, abs=1e-12)
     assert TrainConfig(steps=1000).warmup_steps(10) == 30
+
+
+def test_learning_rate_stays_at_its_final_value_past_the_horizon():
+    total, warmup = 100, 10
+    lr = make_schedule(ScheduleConfig(end_lr_fraction=0.1), 1e-4, total, warmup)
+    final = float(lr(total))
+    np.testing.assert_allclose(final, 1e-5, rtol=1e-5)
+    assert float(lr(total - 1)) > final
+    assert [float(lr(c)) for c in (total + 1, 150, 190, 10_000)] == [final] * 4  # the half cosine would re-rise
+    assert past_horizon_note(total, total, lr) is None
+    note = past_horizon_note(150, total, lr)
+    assert "step 150" in note and "horizon of 100" in note and "1e-05" in note
 
 
 def test_decay_mask_excludes_norm_names():

@@ -9,13 +9,16 @@ Model directories (:func:`save_model_dir` / :func:`load_model_dir`), shared with
 
     DIR/params/       orbax PyTree checkpoint of {"frozen": ..., "trainable": ..., ["extra": ...]}
     DIR/config.yaml   the resolved model config
+
+Every location (work directory, checkpoint folder, model directory) is a local path or a URI
+(``gs://bucket/...``, any scheme ``etils.epath`` knows) and goes through :func:`location`: ``epath`` is
+the path library orbax itself uses, so a bucket works the same as a folder. On an object store the final
+rename of :func:`save_model_dir` is a copy and a delete, not atomic.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-from pathlib import Path
 from typing import Any
 
 import grain
@@ -23,8 +26,15 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import yaml
+from etils import epath
 
 from almtok_jax.train.config import CheckpointConfig
+
+
+def location(path: str | os.PathLike) -> epath.Path:
+    """A user-given location as an ``epath.Path``: URIs as given, local paths made absolute (orbax)."""
+    path = epath.Path(path)
+    return path if "://" in str(path) else path.resolve()
 
 
 class _IteratorSnapshot:
@@ -40,10 +50,10 @@ class _IteratorSnapshot:
 class Checkpointer:
     """``CheckpointManager`` over ``directory`` with items ``state`` (pytree) and ``data`` (iterator)."""
 
-    def __init__(self, directory: str | Path, config: CheckpointConfig):
+    def __init__(self, directory: str | os.PathLike, config: CheckpointConfig):
         options = ocp.CheckpointManagerOptions(max_to_keep=config.keep, create=True,
                                                enable_async_checkpointing=config.async_save)
-        self.manager = ocp.CheckpointManager(Path(directory).absolute(), options=options,
+        self.manager = ocp.CheckpointManager(location(directory), options=options,
                                              item_names=("state", "data"))
 
     def latest_step(self) -> int | None:
@@ -79,33 +89,33 @@ def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-def save_model_dir(directory: str | Path, variables: dict, config_yaml_text: str,
-                   force: bool = False) -> Path:
+def save_model_dir(directory: str | os.PathLike, variables: dict, config_yaml_text: str,
+                   force: bool = False) -> epath.Path:
     """Write ``variables`` (nested dict, e.g. ``{"frozen": ..., "trainable": ...}``) and the config YAML.
 
     Atomic: written to ``DIR.tmp`` then renamed. A non-empty ``DIR`` is refused unless ``force=True``
     (then replaced). Every process calls it (orbax coordinates multi-host writes); process 0 renames.
     """
-    directory = Path(directory).absolute()
+    directory = location(directory)
     if directory.exists() and any(directory.iterdir()) and not force:
         raise FileExistsError(f"{directory} exists and is not empty (pass force=True to replace it)")
     yaml.safe_load(config_yaml_text)  # refuse to write a config that cannot be read back
     tmp = directory.with_name(directory.name + ".tmp")
     primary = jax.process_index() == 0
     if primary and tmp.exists():
-        shutil.rmtree(tmp)
+        tmp.rmtree()
     ckptr = ocp.StandardCheckpointer()
     ckptr.save(tmp / "params", variables)
     ckptr.wait_until_finished()
     if primary:
         (tmp / "config.yaml").write_text(config_yaml_text)
         if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
+            directory.rmtree()
+        tmp.rename(directory)
     return directory
 
 
-def _restore_numpy(path: Path) -> dict:
+def _restore_numpy(path: epath.Path) -> dict:
     """An orbax PyTree checkpoint as host NumPy arrays, whatever device topology wrote it (a training
     export from 8 devices restores on one)."""
     checkpointer = ocp.PyTreeCheckpointer()
@@ -115,9 +125,9 @@ def _restore_numpy(path: Path) -> dict:
     return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
 
 
-def load_model_dir(directory: str | Path) -> tuple[dict, dict]:
+def load_model_dir(directory: str | os.PathLike) -> tuple[dict, dict]:
     """``(variables as nested dict of NumPy arrays, config dict)`` from a :func:`save_model_dir` folder."""
-    directory = Path(directory).absolute()
+    directory = location(directory)
     if not (directory / "params").is_dir() or not (directory / "config.yaml").is_file():
         raise FileNotFoundError(f"{directory} is not a model directory (needs params/ and config.yaml)")
     variables = _restore_numpy(directory / "params")
@@ -125,8 +135,8 @@ def load_model_dir(directory: str | Path) -> tuple[dict, dict]:
     return variables, config
 
 
-def export_params(directory: str | Path, state_trainable: Any, frozen: Any, config_yaml_text: str,
-                  extra: Any = None, force: bool = False) -> Path:
+def export_params(directory: str | os.PathLike, state_trainable: Any, frozen: Any, config_yaml_text: str,
+                  extra: Any = None, force: bool = False) -> epath.Path:
     """Export trained weights as a model directory (:func:`save_model_dir`)."""
     variables = {"frozen": frozen, "trainable": state_trainable}
     if extra is not None:

@@ -14,6 +14,9 @@ corrupt file. Batches are dicts of NumPy arrays for this host: ``wav`` ``(B_host
 ``length`` ``(B_host,)`` int32 (valid samples before the zero padding). Each host reads its own shard
 (``ShardByJaxProcess``).
 
+Locations (the source, list entries, audio files) are local paths or URIs (``gs://bucket/...``) read
+through ``etils.epath``; relative entries of a list resolve against the list's folder, wherever it is.
+
 Deviations from the reference (deliberate): random crop by default; the actual file header decides the
 frames to read (the list's duration/sample-rate columns are parsed but not trusted); the epoch order is
 reshuffled every epoch (the reference repeats epoch 0's permutation); the last partial batch is dropped.
@@ -23,16 +26,17 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import grain
 import jax
 import numpy as np
 import pyloudnorm
 import soundfile as sf
+from etils import epath
 
-from almtok_jax.audio import load_audio, resample, to_mono
+from almtok_jax.audio import resample, to_mono
 from almtok_jax.train.config import DataConfig
 
 log = logging.getLogger(__name__)
@@ -45,30 +49,32 @@ class ClipEntry:
     sample_rate: int | None = None
 
 
-def read_list(path: str | Path) -> list[ClipEntry]:
+def read_list(path: str | os.PathLike) -> list[ClipEntry]:
     """Parse a 4-column tab-separated list; relative audio paths are resolved against the list's folder."""
-    path = Path(path)
+    path = epath.Path(path)
     entries = []
     for line in path.read_text().splitlines():
         fields = line.rstrip("\n").split("\t")
         if len(fields) != 4:
             continue
         _, audio, duration, rate = fields
-        audio_path = Path(audio) if Path(audio).is_absolute() else path.parent / audio
-        entries.append(ClipEntry(str(audio_path), float(duration), int(rate)))
+        audio_path = audio if "://" in audio or os.path.isabs(audio) else str(path.parent / audio)
+        entries.append(ClipEntry(audio_path, float(duration), int(rate)))
     return entries
 
 
-def scan_folder(folder: str | Path, extensions: tuple[str, ...]) -> list[ClipEntry]:
+def scan_folder(folder: str | os.PathLike, extensions: tuple[str, ...]) -> list[ClipEntry]:
     """Audio files under ``folder`` (recursive), sorted by path."""
-    suffixes = {"." + e.lower().lstrip(".") for e in extensions}
-    files = sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
-    return [ClipEntry(str(p)) for p in files]
+    suffixes = tuple("." + e.lower().lstrip(".") for e in extensions)
+    files = sorted(str(epath.Path(root) / name) for root, _, names in epath.Path(folder).walk()
+                   for name in names if name.lower().endswith(suffixes))
+    return [ClipEntry(f) for f in files]
 
 
-def read_source(source: str | Path, extensions: tuple[str, ...] = ("wav", "flac", "ogg")) -> list[ClipEntry]:
+def read_source(source: str | os.PathLike,
+                extensions: tuple[str, ...] = ("wav", "flac", "ogg")) -> list[ClipEntry]:
     """A list file or an audio folder -> clip entries (error if there are none)."""
-    source = Path(source)
+    source = epath.Path(source)
     if source.is_dir():
         entries = scan_folder(source, extensions)
     elif source.is_file():
@@ -100,20 +106,17 @@ class ClipSource:
 
 def read_segment(path: str, seconds: float, crop: str, rng: np.random.Generator) -> tuple[np.ndarray, int]:
     """Mono float32 segment of at most ``seconds`` (at the file's rate) and the file's rate."""
-    info = sf.info(path)
-    frames = int(info.samplerate * seconds)
-    if info.frames > frames:
-        start = int(rng.integers(0, info.frames - frames + 1)) if crop == "random" else 0
-        data, _ = sf.read(path, start=start, frames=frames, dtype="float32", always_2d=True)
-        wav = to_mono(data.T)
-        if not np.all(np.isfinite(wav)):
-            raise ValueError(f"{path}: the audio holds NaN or infinite samples")
-    else:
-        data, _ = load_audio(path)
-        wav = to_mono(data)
+    with epath.Path(path).open("rb") as f, sf.SoundFile(f) as audio:
+        frames = int(audio.samplerate * seconds)
+        if audio.frames > frames and crop == "random":
+            audio.seek(int(rng.integers(0, audio.frames - frames + 1)))
+        wav = to_mono(audio.read(min(frames, audio.frames), dtype="float32", always_2d=True).T)
+        rate = audio.samplerate
     if wav.size == 0:
         raise ValueError(f"{path}: no samples")
-    return wav, info.samplerate
+    if not np.all(np.isfinite(wav)):
+        raise ValueError(f"{path}: the audio holds NaN or infinite samples")
+    return wav, rate
 
 
 def volume_norm(wav: np.ndarray, sample_rate: int, target_lufs: float, threshold: float) -> np.ndarray:
@@ -163,7 +166,7 @@ class LoadClip(grain.transforms.RandomMap):
         return {"wav": wav.astype(np.float32), "length": np.int32(valid)}
 
 
-def make_loader(source: str | Path, config: DataConfig, seed: int, *, shuffle: bool | None = None,
+def make_loader(source: str | os.PathLike, config: DataConfig, seed: int, *, shuffle: bool | None = None,
                 num_epochs: int | None = None) -> grain.DataLoader:
     """grain ``DataLoader`` yielding this host's batches (``global_batch_size / process_count`` rows).
 
@@ -184,5 +187,5 @@ def make_loader(source: str | Path, config: DataConfig, seed: int, *, shuffle: b
         worker_count=config.worker_count, worker_buffer_size=config.worker_buffer_size)
 
 
-def dataset_size(source: str | Path, config: DataConfig) -> int:
+def dataset_size(source: str | os.PathLike, config: DataConfig) -> int:
     return len(read_source(source, config.extensions))

@@ -3,24 +3,29 @@
 The mesh has three axes ``("data", "fsdp", "tensor")``. Batches are split over ``("data", "fsdp")``;
 parameters and optimizer state are split over ``fsdp`` (ZeRO-3 style, the JAX counterpart of the
 reference's FULL_SHARD FSDP, spec ``04-sqcodec-training.md`` B.12); ``tensor`` is reserved for tensor
-parallelism through :data:`LOGICAL_AXIS_RULES` once modules carry logical annotations.
+parallelism through :data:`LOGICAL_AXIS_RULES` once modules carry logical annotations: today no leaf and
+no batch dimension is split over it, so devices along ``tensor`` hold and compute the same thing (keep
+``mesh.tensor=1``).
 
 The model modules carry no ``nn.with_logical_partitioning`` annotations, so :func:`leaf_spec` derives a
 spec from each leaf's shape: the largest dimension divisible by the ``fsdp`` size is split over ``fsdp``;
 leaves smaller than ``min_shard_size`` elements, or with no divisible dimension, are replicated. The rule
 depends on the shape only, so Adam's ``mu`` / ``nu`` get the spec of their parameter.
 
-Multi-host (TPU pod slice or several GPU hosts): every host runs the same command; JAX discovers the
-other hosts (``--multihost``, or automatically when ``JAX_COORDINATOR_ADDRESS`` is set), each host reads
-its own shard of the data, and the global batch is assembled with
-``jax.make_array_from_process_local_data``. On a TPU pod::
+Multi-host (TPU pod slice, several GPU hosts, or several CPU processes): every process runs the same
+command; :func:`maybe_initialize_distributed` joins them when ``JAX_COORDINATOR_ADDRESS`` is set (with
+``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``, or detected by jax; ``--multihost`` forces it where the
+environment names no coordinator, e.g. a TPU pod), each process reads its own shard of the data, and the
+global batch is assembled with ``jax.make_array_from_process_local_data``. On a TPU pod::
 
     gcloud compute tpus tpu-vm ssh $TPU_NAME --zone $ZONE --worker=all --command \\
       "cd almtok-jax && python train.py --config configs/train_almtokenizer2.yaml \\
        --workdir gs://BUCKET/runs/alm_v1 --multihost mesh.data=-1 mesh.fsdp=8"
 
 (``--workdir`` must be a location every host sees: a GCS bucket or a shared file system.) On GPU
-clusters set ``JAX_COORDINATOR_ADDRESS=host0:1234 JAX_NUM_PROCESSES=N JAX_PROCESS_ID=i`` on each host.
+clusters set ``JAX_COORDINATOR_ADDRESS=host0:1234 JAX_NUM_PROCESSES=N JAX_PROCESS_ID=i`` on each host
+(``tests/test_multihost.py`` launches 2 CPU processes this way). A checkpoint written by N processes
+restores in a run of M processes (orbax restores onto the target shardings).
 """
 
 from __future__ import annotations
@@ -59,13 +64,17 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
 
 
 def maybe_initialize_distributed(force: bool = False) -> None:
-    """``jax.distributed.initialize()`` when asked or when the coordinator is given in the environment.
+    """``jax.distributed.initialize()`` when asked or when ``JAX_COORDINATOR_ADDRESS`` is set.
 
-    Must run before anything touches the devices.
+    ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` (read here: jax itself does not) give the process count
+    and this process's index; where they are unset, jax detects them (TPU pods, SLURM, Open MPI). CPU
+    processes exchange collectives over gloo (jax's default). Must run before anything touches the devices.
     """
-    if force or os.environ.get("JAX_COORDINATOR_ADDRESS"):
-        jax.distributed.initialize()
-        log.info("distributed: process %d of %d", jax.process_index(), jax.process_count())
+    if not (force or os.environ.get("JAX_COORDINATOR_ADDRESS")):
+        return
+    given = {"num_processes": os.environ.get("JAX_NUM_PROCESSES"), "process_id": os.environ.get("JAX_PROCESS_ID")}
+    jax.distributed.initialize(**{k: int(v) for k, v in given.items() if v is not None})
+    log.info("distributed: process %d of %d", jax.process_index(), jax.process_count())
 
 
 def mesh_shape(config: MeshConfig, num_devices: int) -> tuple[int, int, int]:
