@@ -117,7 +117,6 @@ def main(argv: list[str] | None = None) -> None:
     batch_sh = {k: shard_lib.batch_sharding(mesh) for k in batch_shapes}
     replicated = NamedSharding(mesh, PartitionSpec())
 
-    train_iter = iter(data_lib.make_loader(config.data.train, config.data, config.seed))
     checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", config.checkpoint)
     state, frozen = jax.jit(init, out_shardings=(state_sh, frozen_sh))()
     if config.init != "random":
@@ -129,8 +128,11 @@ def main(argv: list[str] | None = None) -> None:
                               extra=put_global(extra, state_sh.extra))
     if args.resume and checkpointer.latest_step() is not None:
         target = ckpt_lib.abstract_with_shardings(abstract_state, state_sh)
-        state = checkpointer.restore(target, train_iter)
+        state = checkpointer.restore(target, None)
         log.info("resumed from step %d", int(state.step))
+    # The data position is the step (one global batch per update), so any process count resumes any other's.
+    train_iter = iter(data_lib.make_loader(config.data.train, config.data, config.seed,
+                                           rows=shard_lib.process_rows(mesh, rows), first_batch=int(state.step)))
 
     if primary:
         report = {name: shard_lib.describe(tree) for name, tree in
@@ -155,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
             jax.block_until_ready(metrics)
             logger.start(step)  # throughput figures leave out the first step (compilation)
         if step % config.checkpoint.every == 0 or step == total_steps:
-            checkpointer.save(step, state, train_iter)
+            checkpointer.save(step, state, None)
         hooks(step, state, frozen, batch)
     checkpointer.close()
     if args.export:
@@ -170,8 +172,10 @@ class EvalHooks:
     def __init__(self, config: TrainConfig, task, mesh, state_sh, frozen_sh, batch_sh, logger: TrainLogger):
         self.config, self.task, self.mesh, self.logger = config, task, mesh, logger
         v = config.validation
+        rows = shard_lib.process_rows(mesh, config.data.global_batch_size)
         self.loaders = {epath.Path(p).stem: data_lib.make_loader(p, config.data, config.seed, shuffle=False,
-                                                           num_epochs=1) for p in v.lists} if v.every else {}
+                                                                 num_epochs=1, rows=rows)
+                        for p in v.lists} if v.every else {}
         replicated = NamedSharding(mesh, PartitionSpec())
         self.eval_step = jax.jit(make_eval_step(task), out_shardings=replicated,
                                  in_shardings=(state_sh, frozen_sh, batch_sh, replicated))

@@ -2,7 +2,8 @@
 
 Training checkpoints (:class:`Checkpointer`): ``WORKDIR/checkpoints/<step>/`` holds the whole
 :class:`~almtok_jax.train.state.TrainState` (trainable params, optimizer state, extra state, step, RNG,
-skip count) and each host's data-iterator state (grain, ``process_<i>-of-<n>.json``). Saves are async;
+skip count) and, when given, each host's data-iterator state (grain, ``process_<i>-of-<n>.json``;
+``train.py`` gives none: its data position is the step, which lets any process count resume). Saves are async;
 restores take target shardings, so a checkpoint written on one mesh restores onto another.
 
 Model directories (:func:`save_model_dir` / :func:`load_model_dir`), shared with the weight converter::

@@ -143,6 +143,16 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
 
 
+def process_rows(mesh: Mesh, global_rows: int) -> tuple[int, int]:
+    """The rows ``[start, stop)`` of a ``(global_rows, ...)`` batch that this process's devices hold."""
+    slices = [idx[0] for idx in batch_sharding(mesh).addressable_devices_indices_map((global_rows,)).values()]
+    start, stop = min(s.start or 0 for s in slices), max(global_rows if s.stop is None else s.stop for s in slices)
+    if (stop - start) * jax.process_count() != global_rows:
+        raise ValueError(f"this process's devices hold rows {start}..{stop} of {global_rows}: not a contiguous "
+                         f"1/{jax.process_count()} block (check the mesh)")
+    return start, stop
+
+
 def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     """Assemble this host's rows into global arrays sharded over the batch axes."""
     sharding = batch_sharding(mesh)
