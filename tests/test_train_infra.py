@@ -12,6 +12,7 @@ import math
 import os
 from pathlib import Path
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,7 +21,7 @@ import soundfile as sf
 
 from almtok_jax.train.checkpoint import load_model_dir, save_model_dir
 from almtok_jax.train.config import DataConfig, OptimizerConfig, ScheduleConfig, TrainConfig
-from almtok_jax.train.data import make_loader
+from almtok_jax.train.data import ProcessRows, make_loader
 from almtok_jax.train.sharding import leaf_spec
 from almtok_jax.train.state import (
     decay_mask,
@@ -79,6 +80,19 @@ def test_corrupt_audio_file_is_skipped(tmp_path, caplog):
     assert batch["wav"].shape == (4, 12000) and np.all(np.isfinite(batch["wav"]))
     assert np.all(batch["length"] == 12000)
     assert any("bad.wav" in r.getMessage() for r in caplog.records)
+
+
+def test_process_rows_read_the_same_global_batches_for_any_process_count():
+    base = grain.samplers.IndexSampler(num_records=10, shuffle=True, num_epochs=None, seed=3)
+    whole = ProcessRows(base, 4, (0, 4))
+    halves = [ProcessRows(base, 4, (0, 2)), ProcessRows(base, 4, (2, 4))]
+    for b in range(6):  # crosses epochs (10 clips, 4 per batch)
+        split = [halves[h][2 * b + r] for h in range(2) for r in range(2)]
+        assert [(m.index, m.record_key) for m in split] == [(whole[4 * b + r].index, whole[4 * b + r].record_key)
+                                                             for r in range(4)]
+    resumed = ProcessRows(base, 4, (2, 4), first_batch=3)
+    assert [resumed[i].index for i in range(4)] == [14, 15, 18, 19]
+    assert len(ProcessRows(grain.samplers.IndexSampler(num_records=10, num_epochs=1), 4, (2, 4))) == 4
 
 
 def test_cosine_schedule_matches_reference_formula():
