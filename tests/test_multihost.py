@@ -56,6 +56,8 @@ def _wait(procs: list[subprocess.Popen]) -> list[str]:
     """Outputs of ``procs``; every process is killed if one fails or the time runs out."""
     try:
         outputs = [p.communicate(timeout=TIMEOUT_S)[0] for p in procs]
+    except subprocess.TimeoutExpired as err:
+        pytest.fail(f"timed out after {TIMEOUT_S} s: {err.cmd}\n{(err.output or b'')[-4000:]!r}")
     finally:
         for p in procs:
             if p.poll() is None:
