@@ -39,9 +39,12 @@ def _free_port() -> int:
 
 
 def _launch(workdir: Path, steps: int, devices: int, cluster: dict[str, str] | None = None,
-            resume: bool = False) -> subprocess.Popen:
+            resume: bool = False) -> tuple[subprocess.Popen, Path]:
+    """Start one ``train.py`` process; its output goes to a file (a full pipe would stall it, and with it
+    the collectives of the other process)."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-           "JAX_COMPILATION_CACHE_DIR": str(workdir.parent / "jax_cache"), **(cluster or {})}
+           "JAX_COMPILATION_CACHE_DIR": os.environ.get("JAX_COMPILATION_CACHE_DIR", str(workdir.parent / "jax_cache")),
+           **(cluster or {})}
     for key in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
         if cluster is None:
             env.pop(key, None)
@@ -49,21 +52,25 @@ def _launch(workdir: Path, steps: int, devices: int, cluster: dict[str, str] | N
            "--workdir", str(workdir), "--steps", str(steps), *(["--resume"] if resume else []),
            f"data.train={AUDIO / 'speech'}", "mesh.data=1", "mesh.fsdp=8", f"checkpoint.every={SPLIT}",
            f"schedule.total_steps={HORIZON}"]
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = workdir.parent / f"{workdir.name}-{(cluster or {}).get('JAX_PROCESS_ID', 0)}.log"
+    with open(log, "w") as out:
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT), log
 
 
-def _wait(procs: list[subprocess.Popen]) -> list[str]:
+def _wait(procs: list[tuple[subprocess.Popen, Path]]) -> list[str]:
     """Outputs of ``procs``; every process is killed if one fails or the time runs out."""
     try:
-        outputs = [p.communicate(timeout=TIMEOUT_S)[0] for p in procs]
+        for p, _ in procs:
+            p.wait(timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired as err:
-        pytest.fail(f"timed out after {TIMEOUT_S} s: {err.cmd}\n{(err.output or b'')[-4000:]!r}")
+        pytest.fail(f"timed out after {TIMEOUT_S} s: {err.cmd}")
     finally:
-        for p in procs:
+        for p, _ in procs:
             if p.poll() is None:
                 p.kill()
-                p.communicate()
-    for p, out in zip(procs, outputs, strict=True):
+                p.wait()
+    outputs = [log.read_text() for _, log in procs]
+    for (p, _), out in zip(procs, outputs, strict=True):
         assert p.returncode == 0, out[-4000:]
     return outputs
 
@@ -86,6 +93,19 @@ def runs(tmp_path_factory) -> dict:
 
 
 KEYS = ("loss", "loss_flow", "loss_commit", "loss_phone", "grad_norm")
+# Same data, same program, but gloo sums across the 2 processes in another order than the in-process
+# all-reduce: step 1 (before any update) agrees to float32 rounding (measured <= 1.1e-7); after it the
+# step-2 gradient (norm ~3600, clipped to 2) amplifies the rounding. Measured: steps 2-3 losses <= 8.4e-5,
+# gradient norm 2.4e-3; the 1-process continuation of the 2-process checkpoint, steps 4-6, losses <= 5.0e-4
+# (loss_commit ~0.02-0.08), gradient norm 1.3e-3. A wrong batch or state moves some term by percents.
+RTOL_FIRST, RTOL_LOSS, RTOL_GRAD_NORM = 1e-6, 2e-3, 1e-2
+
+
+def _compare(run: dict, reference: dict, steps: range) -> None:
+    for key in KEYS:
+        for step in steps:
+            rtol = RTOL_FIRST if step == 1 else RTOL_GRAD_NORM if key == "grad_norm" else RTOL_LOSS
+            np.testing.assert_allclose(run[step][key], reference[step][key], rtol=rtol, err_msg=f"{key} {step}")
 
 
 def test_two_processes_ran_as_one_job(runs):
@@ -96,19 +116,13 @@ def test_two_processes_ran_as_one_job(runs):
 
 def test_two_processes_match_one_process(runs):
     assert sorted(runs["multi"]) == list(range(1, SPLIT + 1))
-    for key in KEYS:
-        multi = [runs["multi"][s][key] for s in range(1, SPLIT + 1)]
-        single = [runs["single"][s][key] for s in range(1, SPLIT + 1)]
-        np.testing.assert_allclose(multi, single, rtol=1e-5, atol=1e-7, err_msg=key)
+    _compare(runs["multi"], runs["single"], range(1, SPLIT + 1))
 
 
 def test_one_process_resumes_the_two_process_checkpoint(runs):
     assert sorted(runs["resumed"]) == list(range(SPLIT + 1, STEPS + 1))
     assert f"resumed from step {SPLIT}" in runs["outputs"]["resumed"]
-    for key in KEYS:
-        resumed = [runs["resumed"][s][key] for s in range(SPLIT + 1, STEPS + 1)]
-        single = [runs["single"][s][key] for s in range(SPLIT + 1, STEPS + 1)]
-        np.testing.assert_allclose(resumed, single, rtol=1e-5, atol=1e-7, err_msg=key)
+    _compare(runs["resumed"], runs["single"], range(SPLIT + 1, STEPS + 1))
 
 
 def test_learning_rate_holds_past_the_horizon_and_the_log_says_so_once(runs):
