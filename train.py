@@ -5,13 +5,15 @@
 
 ``--steps N``: the number of optimizer steps to reach (a resumed run continues up to N); it does not
 change the learning-rate schedule, whose horizon comes from the config (``schedule.total_steps``, else
-``steps``, else ``epochs``). ``key=value`` overrides use dotted config keys
-(``optimizer.learning_rate=3e-4``).
+``steps``, else ``epochs``); past the horizon the learning rate stays at its final value (logged once).
+``key=value`` overrides use dotted config keys (``optimizer.learning_rate=3e-4``).
 Everything goes under ``--workdir``: ``config.yaml`` (resolved), ``metrics.jsonl``, ``sharding.json``,
 ``checkpoints/``, ``tensorboard/``, ``samples/``. A workdir that holds a run already is refused unless
 ``--resume`` continues it or ``--overwrite`` deletes it first. A resumed run continues from the newest
-checkpoint that reads back and drops the ``metrics.jsonl`` lines after it. Multi-host launch: see
-:mod:`almtok_jax.train.sharding`.
+checkpoint that reads back and drops the ``metrics.jsonl`` lines after it. ``--workdir``, ``--export``,
+``init`` and the data lists may be local paths or URIs (``gs://bucket/run``: ``etils.epath``, as orbax).
+Multi-host: set ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID`` on each process (see
+:mod:`almtok_jax.train.sharding`).
 """
 
 from __future__ import annotations
@@ -20,9 +22,7 @@ import argparse
 import contextlib
 import json
 import logging
-import shutil
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import yaml
+from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -50,6 +51,7 @@ from almtok_jax.train.state import (
     make_schedule,
     make_train_step,
     new_train_state,
+    past_horizon_note,
     path_names,
 )
 
@@ -87,17 +89,17 @@ def reported_as_user_error() -> Iterator[None]:
         raise SystemExit(f"error: {' '.join(str(e).split())}") from None
 
 
-def checkpoint_steps(workdir: Path) -> list[int]:
+def checkpoint_steps(workdir: epath.Path) -> list[int]:
     folder = workdir / "checkpoints"
     return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.is_dir() else []
 
 
-def prepare_workdir(workdir: Path, resume: bool, overwrite: bool) -> None:
+def prepare_workdir(workdir: epath.Path, resume: bool, overwrite: bool) -> None:
     """Refuse to start over in a workdir that holds a run (its checkpoints, its metrics) unless told how:
     ``resume`` continues it, ``overwrite`` deletes its outputs first (process 0; the others wait)."""
     steps = checkpoint_steps(workdir)
     metrics = workdir / "metrics.jsonl"
-    has_metrics = metrics.is_file() and metrics.stat().st_size > 0
+    has_metrics = metrics.is_file() and metrics.stat().length > 0
     if resume or not (steps or has_metrics):
         return
     if not overwrite:
@@ -110,7 +112,7 @@ def prepare_workdir(workdir: Path, resume: bool, overwrite: bool) -> None:
         for name in RUN_OUTPUTS:
             path = workdir / name
             if path.is_dir():
-                shutil.rmtree(path)
+                path.rmtree()
             elif path.exists():
                 path.unlink()
     if jax.process_count() > 1:
@@ -137,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     shard_lib.maybe_initialize_distributed(args.multihost)
     with reported_as_user_error():
         config = override(load_yaml(TrainConfig, args.config), args.overrides)
-    workdir = Path(args.workdir)
+    workdir = ckpt_lib.location(args.workdir)
     prepare_workdir(workdir, args.resume, args.overwrite)
     primary = jax.process_index() == 0
     if primary:
@@ -150,11 +152,13 @@ def main(argv: list[str] | None = None) -> None:
         mesh = shard_lib.make_mesh(config.mesh)
         num_clips = data_lib.dataset_size(config.data.train, config.data)
         total_steps = args.steps if args.steps is not None else config.total_steps(num_clips)
-        schedule = make_schedule(config.schedule, config.optimizer.learning_rate,
-                                 config.schedule_steps(num_clips), config.warmup_steps(num_clips))
+        horizon = config.schedule_steps(num_clips)
+        schedule = make_schedule(config.schedule, config.optimizer.learning_rate, horizon,
+                                 config.warmup_steps(num_clips))
     log.info("mesh %s over %d devices; %d clips; %d steps (schedule horizon %d, warmup %d)",
-             dict(mesh.shape), mesh.size, num_clips, total_steps, config.schedule_steps(num_clips),
-             config.warmup_steps(num_clips))
+             dict(mesh.shape), mesh.size, num_clips, total_steps, horizon, config.warmup_steps(num_clips))
+    if note := past_horizon_note(total_steps, horizon, schedule):
+        log.warning(note)
 
     task = build_task(config.model, config)
     names = task.param_names or path_names
@@ -174,7 +178,6 @@ def main(argv: list[str] | None = None) -> None:
     batch_sh = {k: shard_lib.batch_sharding(mesh) for k in batch_shapes}
     replicated = NamedSharding(mesh, PartitionSpec())
 
-    train_iter = iter(data_lib.make_loader(config.data.train, config.data, config.seed))
     checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", config.checkpoint)
     resume = args.resume and checkpointer.latest_step() is not None
     if config.init == "random":
@@ -185,12 +188,15 @@ def main(argv: list[str] | None = None) -> None:
     if resume:
         target = ckpt_lib.abstract_with_shardings(abstract_state, state_sh)
         with reported_as_user_error():  # no checkpoint reads back
-            state = checkpointer.restore(target, train_iter)
+            state = checkpointer.restore(target, None)
         log.info("resumed from step %d", int(state.step))
     start = int(state.step)
     if start >= total_steps:
         log.warning("the target step %d is already reached (the run is at step %d): nothing to train",
                     total_steps, start)
+    # The data position is the step (one global batch per update), so any process count resumes any other's.
+    train_iter = iter(data_lib.make_loader(config.data.train, config.data, config.seed,
+                                           rows=shard_lib.process_rows(mesh, rows), first_batch=start))
 
     if primary:
         report = {name: shard_lib.describe(tree) for name, tree in
@@ -216,7 +222,7 @@ def main(argv: list[str] | None = None) -> None:
             jax.block_until_ready(metrics)
             logger.start(step)  # throughput figures leave out the first step (compilation)
         if step % config.checkpoint.every == 0 or step == total_steps:
-            checkpointer.save(step, state, train_iter)
+            checkpointer.save(step, state, None)
         hooks(step, state, frozen, batch)
     checkpointer.close()
     if args.export:
@@ -253,8 +259,10 @@ class EvalHooks:
     def __init__(self, config: TrainConfig, task, mesh, state_sh, frozen_sh, batch_sh, logger: TrainLogger):
         self.config, self.task, self.mesh, self.logger = config, task, mesh, logger
         v = config.validation
-        self.loaders = {Path(p).stem: data_lib.make_loader(p, config.data, config.seed, shuffle=False,
-                                                           num_epochs=1) for p in v.lists} if v.every else {}
+        rows = shard_lib.process_rows(mesh, config.data.global_batch_size)
+        self.loaders = {epath.Path(p).stem: data_lib.make_loader(p, config.data, config.seed, shuffle=False,
+                                                                 num_epochs=1, rows=rows)
+                        for p in v.lists} if v.every else {}
         replicated = NamedSharding(mesh, PartitionSpec())
         self.eval_step = jax.jit(make_eval_step(task), out_shardings=replicated,
                                  in_shardings=(state_sh, frozen_sh, batch_sh, replicated))

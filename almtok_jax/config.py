@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
+from etils import epath
 
 T = TypeVar("T")
 
@@ -155,8 +156,8 @@ def load_yaml(cls: type[T], path: str | Path) -> T:
 
 
 def save_yaml(config: Any, path: str | Path) -> None:
-    """Write a config as YAML (keys in field order, every value)."""
-    with open(path, "w") as f:
+    """Write a config as YAML (keys in field order, every value); ``path`` may be a URI (``etils.epath``)."""
+    with epath.Path(path).open("w") as f:
         yaml.safe_dump(to_dict(config), f, sort_keys=False)
 
 

@@ -318,7 +318,7 @@ def test_force_replacement_leaves_a_complete_model_at_every_kill(tmp_path, monke
     target = tmp_path / "model"
     aside = target.with_name(target.name + ".replaced")
     ours = {target.name, target.name + ".tmp", aside.name}
-    real_replace, real_rmtree = os.replace, shutil.rmtree
+    real_replace, real_rmtree = os.rename, shutil.rmtree
     calls = []
 
     def fault(path: object) -> None:
@@ -347,7 +347,7 @@ def test_force_replacement_leaves_a_complete_model_at_every_kill(tmp_path, monke
 
     ckpt_lib.save_model_dir(target, {"trainable": {"b": np.zeros(4)}}, "model: toy\n")
     new = {"trainable": {"b": np.ones(4)}}
-    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(os, "rename", replace)
     monkeypatch.setattr(shutil, "rmtree", rmtree)
     with pytest.raises(Killed):
         ckpt_lib.save_model_dir(target, new, "model: toy\n", force=True)

@@ -12,6 +12,7 @@ import math
 import os
 from pathlib import Path
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,7 +23,7 @@ from toy_task import toy_task
 
 from almtok_jax.train.checkpoint import load_model_dir, save_model_dir
 from almtok_jax.train.config import DataConfig, OptimizerConfig, ScheduleConfig, TrainConfig
-from almtok_jax.train.data import make_loader
+from almtok_jax.train.data import ProcessRows, make_loader
 from almtok_jax.train.sharding import leaf_spec
 from almtok_jax.train.state import (
     Task,
@@ -33,6 +34,7 @@ from almtok_jax.train.state import (
     make_optimizer,
     make_schedule,
     make_train_step,
+    past_horizon_note,
     path_names,
 )
 
@@ -84,6 +86,19 @@ def test_corrupt_audio_file_is_skipped(tmp_path, caplog):
     assert any("bad.wav" in r.getMessage() for r in caplog.records)
 
 
+def test_process_rows_read_the_same_global_batches_for_any_process_count():
+    base = grain.samplers.IndexSampler(num_records=10, shuffle=True, num_epochs=None, seed=3)
+    whole = ProcessRows(base, 4, (0, 4))
+    halves = [ProcessRows(base, 4, (0, 2)), ProcessRows(base, 4, (2, 4))]
+    for b in range(6):  # crosses epochs (10 clips, 4 per batch)
+        split = [halves[h][2 * b + r] for h in range(2) for r in range(2)]
+        assert [(m.index, m.record_key) for m in split] == [(whole[4 * b + r].index, whole[4 * b + r].record_key)
+                                                             for r in range(4)]
+    resumed = ProcessRows(base, 4, (2, 4), first_batch=3)
+    assert [resumed[i].index for i in range(4)] == [14, 15, 18, 19]
+    assert len(ProcessRows(grain.samplers.IndexSampler(num_records=10, num_epochs=1), 4, (2, 4))) == 4
+
+
 def test_cosine_schedule_matches_reference_formula():
     total, warmup = 1000, int(0.03 * 1000)
     lr = make_schedule(ScheduleConfig(), 1e-4, total, warmup)
@@ -94,6 +109,18 @@ def test_cosine_schedule_matches_reference_formula():
     np.testing.assert_allclose(float(lr(c)), 1e-4 * 0.5 * (1 + math.cos(math.pi * (c - 30) / 970)), rtol=1e-5)
     assert float(lr(total)) == pytest.approx(0.0, abs=1e-12)
     assert TrainConfig(steps=1000).warmup_steps(10) == 30
+
+
+def test_learning_rate_stays_at_its_final_value_past_the_horizon():
+    total, warmup = 100, 10
+    lr = make_schedule(ScheduleConfig(end_lr_fraction=0.1), 1e-4, total, warmup)
+    final = float(lr(total))
+    np.testing.assert_allclose(final, 1e-5, rtol=1e-5)
+    assert float(lr(total - 1)) > final
+    assert [float(lr(c)) for c in (total + 1, 150, 190, 10_000)] == [final] * 4  # the half cosine would re-rise
+    assert past_horizon_note(total, total, lr) is None
+    note = past_horizon_note(150, total, lr)
+    assert "step 150" in note and "horizon of 100" in note and "1e-05" in note
 
 
 def test_decay_mask_excludes_norm_names():

@@ -2,22 +2,26 @@
 
 Training checkpoints (:class:`Checkpointer`): ``WORKDIR/checkpoints/<step>/`` holds the whole
 :class:`~almtok_jax.train.state.TrainState` (trainable params, optimizer state, extra state, step, RNG,
-skip count) and each host's data-iterator state (grain, ``process_<i>-of-<n>.json``). Saves are async;
+skip count) and, when given, each host's data-iterator state (grain, ``process_<i>-of-<n>.json``;
+``train.py`` gives none: its data position is the step, which lets any process count resume). Saves are async;
 restores take target shardings, so a checkpoint written on one mesh restores onto another.
 
 Model directories (:func:`save_model_dir` / :func:`load_model_dir`), shared with the weight converter::
 
     DIR/params/       orbax PyTree checkpoint of {"frozen": ..., "trainable": ..., ["extra": ...]}
     DIR/config.yaml   the resolved model config
+
+Every location (work directory, checkpoint folder, model directory) is a local path or a URI
+(``gs://bucket/...``, any scheme ``etils.epath`` knows) and goes through :func:`location`: ``epath`` is
+the path library orbax itself uses, so a bucket works the same as a folder. On an object store the final
+rename of :func:`save_model_dir` is a copy and a delete, not atomic.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import shutil
 import sys
-from pathlib import Path
 from typing import Any
 
 import grain
@@ -25,6 +29,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import yaml
+from etils import epath
 
 from almtok_jax.config import ModelDirError
 from almtok_jax.train.config import CheckpointConfig
@@ -50,6 +55,12 @@ def _quiet_closed_loop_reports() -> None:
     sys.unraisablehook = hook
 
 
+def location(path: str | os.PathLike) -> epath.Path:
+    """A user-given location as an ``epath.Path``: URIs as given, local paths made absolute (orbax)."""
+    path = epath.Path(path)
+    return path if "://" in str(path) else path.resolve()
+
+
 class _IteratorSnapshot:
     """The data iterator's state taken at save time (the async save must not read a moving iterator)."""
 
@@ -63,10 +74,10 @@ class _IteratorSnapshot:
 class Checkpointer:
     """``CheckpointManager`` over ``directory`` with items ``state`` (pytree) and ``data`` (iterator)."""
 
-    def __init__(self, directory: str | Path, config: CheckpointConfig):
+    def __init__(self, directory: str | os.PathLike, config: CheckpointConfig):
         options = ocp.CheckpointManagerOptions(max_to_keep=config.keep, create=True,
                                                enable_async_checkpointing=config.async_save)
-        self.manager = ocp.CheckpointManager(Path(directory).absolute(), options=options,
+        self.manager = ocp.CheckpointManager(location(directory), options=options,
                                              item_names=("state", "data"))
 
     def latest_step(self) -> int | None:
@@ -96,11 +107,11 @@ class Checkpointer:
                 return self._restore_step(candidate, abstract_state, data_iterator)
             except Exception as e:  # noqa: BLE001 - any read failure means this checkpoint is unusable
                 _quiet_closed_loop_reports()
-                aside = Path(str(self.manager.directory) + ".unreadable")
+                aside = epath.Path(str(self.manager.directory) + ".unreadable")
                 aside.mkdir(exist_ok=True)
                 name = next(n for n in (str(candidate), *(f"{candidate}-{k}" for k in range(1, 10**6)))
                             if not (aside / n).exists())
-                os.replace(Path(self.manager.directory) / str(candidate), aside / name)
+                (epath.Path(self.manager.directory) / str(candidate)).rename(aside / name)
                 self.manager.reload()
                 following = f"falling back to step {steps[i + 1]}" if i + 1 < len(steps) else "none left"
                 log.warning("checkpoint %d in %s cannot be read (%s: %s); moved to %s; %s", candidate,
@@ -128,13 +139,13 @@ def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-def is_model_dir(directory: Path) -> bool:
+def is_model_dir(directory: epath.Path) -> bool:
     return (directory / "params").is_dir() and (directory / "config.yaml").is_file()
 
 
-def check_replaceable(directory: str | Path, force: bool) -> None:
+def check_replaceable(directory: str | os.PathLike, force: bool) -> None:
     """Refuse to write a model directory over anything but an empty folder, or (``force``) a model directory."""
-    directory = Path(directory)
+    directory = location(directory)
     if directory.exists() and not directory.is_dir():
         raise FileExistsError(f"{directory} exists and is not a folder")
     if not directory.exists() or not any(directory.iterdir()):
@@ -146,8 +157,8 @@ def check_replaceable(directory: str | Path, force: bool) -> None:
                               "replaces only model directories: remove it yourself or choose another output")
 
 
-def save_model_dir(directory: str | Path, variables: dict, config_yaml_text: str,
-                   force: bool = False) -> Path:
+def save_model_dir(directory: str | os.PathLike, variables: dict, config_yaml_text: str,
+                   force: bool = False) -> epath.Path:
     """Write ``variables`` (nested dict, e.g. ``{"frozen": ..., "trainable": ...}``) and the config YAML.
 
     Written to ``DIR.tmp``, then swapped in: an existing ``DIR`` (``force=True``, model directories only) is
@@ -156,19 +167,19 @@ def save_model_dir(directory: str | Path, variables: dict, config_yaml_text: str
     renames, which the next save puts back first). Every process calls it (orbax coordinates multi-host
     writes); process 0 renames.
     """
-    directory = Path(directory).absolute()
+    directory = location(directory)
     tmp = directory.with_name(directory.name + ".tmp")
     aside = directory.with_name(directory.name + ".replaced")
     primary = jax.process_index() == 0
     if primary and aside.is_dir():  # a swap was interrupted
         if is_model_dir(directory):
-            shutil.rmtree(aside)  # after the second rename: the new model is in place
+            aside.rmtree()  # after the second rename: the new model is in place
         elif not directory.exists() and is_model_dir(aside):
-            os.replace(aside, directory)  # between the renames: put the old model back
+            aside.rename(directory)  # between the renames: put the old model back
     check_replaceable(directory, force)
     yaml.safe_load(config_yaml_text)  # refuse to write a config that cannot be read back
     if primary and tmp.exists():
-        shutil.rmtree(tmp)
+        tmp.rmtree()
     ckptr = ocp.StandardCheckpointer()
     ckptr.save(tmp / "params", variables)
     ckptr.wait_until_finished()
@@ -176,14 +187,14 @@ def save_model_dir(directory: str | Path, variables: dict, config_yaml_text: str
         (tmp / "config.yaml").write_text(config_yaml_text)
         replacing = directory.exists()
         if replacing:
-            os.replace(directory, aside)
-        os.replace(tmp, directory)
+            directory.rename(aside)
+        tmp.rename(directory)
         if replacing:
-            shutil.rmtree(aside)
+            aside.rmtree()
     return directory
 
 
-def _restore_numpy(path: Path) -> dict:
+def _restore_numpy(path: epath.Path) -> dict:
     """An orbax PyTree checkpoint as host NumPy arrays, whatever device topology wrote it (a training
     export from 8 devices restores on one)."""
     checkpointer = ocp.PyTreeCheckpointer()
@@ -193,11 +204,11 @@ def _restore_numpy(path: Path) -> dict:
     return checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
 
 
-def load_model_dir(directory: str | Path) -> tuple[dict, dict]:
+def load_model_dir(directory: str | os.PathLike) -> tuple[dict, dict]:
     """``(variables as nested dict of NumPy arrays, config dict)`` from a :func:`save_model_dir` folder.
 
     Raises :class:`ModelDirError` naming the directory and what is wrong with it."""
-    directory = Path(directory).absolute()
+    directory = location(directory)
     if not directory.is_dir():
         raise ModelDirError(f"model directory {directory}: no such folder")
     missing = [name for name, ok in (("params/", (directory / "params").is_dir()),
@@ -206,8 +217,7 @@ def load_model_dir(directory: str | Path) -> tuple[dict, dict]:
         raise ModelDirError(f"{directory} is not a model directory: {' and '.join(missing)} missing "
                             "(write one with convert_torch_weights.py or train.py --export)")
     try:
-        with open(directory / "config.yaml") as f:
-            config = yaml.safe_load(f)
+        config = yaml.safe_load((directory / "config.yaml").read_text())
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         where = getattr(e, "problem_mark", None)
         at = f" (line {where.line + 1}, column {where.column + 1})" if where is not None else ""
@@ -226,8 +236,8 @@ def load_model_dir(directory: str | Path) -> tuple[dict, dict]:
     return variables, config
 
 
-def export_params(directory: str | Path, state_trainable: Any, frozen: Any, config_yaml_text: str,
-                  extra: Any = None, force: bool = False) -> Path:
+def export_params(directory: str | os.PathLike, state_trainable: Any, frozen: Any, config_yaml_text: str,
+                  extra: Any = None, force: bool = False) -> epath.Path:
     """Export trained weights as a model directory (:func:`save_model_dir`)."""
     variables = {"frozen": frozen, "trainable": state_trainable}
     if extra is not None:

@@ -11,8 +11,16 @@ so the stream is a pure function of the seed and the iterator state, which is ch
 
 A clip that cannot be read is logged and replaced by the next one in the list: training never stops on a
 corrupt file. Batches are dicts of NumPy arrays for this host: ``wav`` ``(B_host, S)`` float32 at 24 kHz and
-``length`` ``(B_host,)`` int32 (valid samples before the zero padding). Each host reads its own shard
-(``ShardByJaxProcess``).
+``length`` ``(B_host,)`` int32 (valid samples before the zero padding).
+
+One global stream for any number of processes (:class:`ProcessRows`): global batch ``b`` is positions
+``[b·G, (b+1)·G)`` of the sampler's stream (``G`` = ``global_batch_size``); each process reads only the
+rows its devices hold. The global batches, and every clip's random draws (keyed by its position), are
+therefore the same on 1 process or N, and a run resumed at step ``k`` restarts the stream at batch ``k``
+whatever the number of processes that wrote the checkpoint.
+
+Locations (the source, list entries, audio files) are local paths or URIs (``gs://bucket/...``) read
+through ``etils.epath``; relative entries of a list resolve against the list's folder, wherever it is.
 
 Deviations from the reference (deliberate): random crop by default; the actual file header decides the
 frames to read (the list's duration/sample-rate columns are parsed but not trusted); the epoch order is
@@ -23,16 +31,17 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import grain
 import jax
 import numpy as np
 import pyloudnorm
 import soundfile as sf
+from etils import epath
 
-from almtok_jax.audio import load_audio, resample, to_mono
+from almtok_jax.audio import resample, to_mono
 from almtok_jax.train.config import DataConfig
 
 log = logging.getLogger(__name__)
@@ -45,30 +54,32 @@ class ClipEntry:
     sample_rate: int | None = None
 
 
-def read_list(path: str | Path) -> list[ClipEntry]:
+def read_list(path: str | os.PathLike) -> list[ClipEntry]:
     """Parse a 4-column tab-separated list; relative audio paths are resolved against the list's folder."""
-    path = Path(path)
+    path = epath.Path(path)
     entries = []
     for line in path.read_text().splitlines():
         fields = line.rstrip("\n").split("\t")
         if len(fields) != 4:
             continue
         _, audio, duration, rate = fields
-        audio_path = Path(audio) if Path(audio).is_absolute() else path.parent / audio
-        entries.append(ClipEntry(str(audio_path), float(duration), int(rate)))
+        audio_path = audio if "://" in audio or os.path.isabs(audio) else str(path.parent / audio)
+        entries.append(ClipEntry(audio_path, float(duration), int(rate)))
     return entries
 
 
-def scan_folder(folder: str | Path, extensions: tuple[str, ...]) -> list[ClipEntry]:
+def scan_folder(folder: str | os.PathLike, extensions: tuple[str, ...]) -> list[ClipEntry]:
     """Audio files under ``folder`` (recursive), sorted by path."""
-    suffixes = {"." + e.lower().lstrip(".") for e in extensions}
-    files = sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
-    return [ClipEntry(str(p)) for p in files]
+    suffixes = tuple("." + e.lower().lstrip(".") for e in extensions)
+    files = sorted(str(epath.Path(root) / name) for root, _, names in epath.Path(folder).walk()
+                   for name in names if name.lower().endswith(suffixes))
+    return [ClipEntry(f) for f in files]
 
 
-def read_source(source: str | Path, extensions: tuple[str, ...] = ("wav", "flac", "ogg")) -> list[ClipEntry]:
+def read_source(source: str | os.PathLike,
+                extensions: tuple[str, ...] = ("wav", "flac", "ogg")) -> list[ClipEntry]:
     """A list file or an audio folder -> clip entries (error if there are none)."""
-    source = Path(source)
+    source = epath.Path(source)
     if source.is_dir():
         entries = scan_folder(source, extensions)
     elif source.is_file():
@@ -100,20 +111,17 @@ class ClipSource:
 
 def read_segment(path: str, seconds: float, crop: str, rng: np.random.Generator) -> tuple[np.ndarray, int]:
     """Mono float32 segment of at most ``seconds`` (at the file's rate) and the file's rate."""
-    info = sf.info(path)
-    frames = int(info.samplerate * seconds)
-    if info.frames > frames:
-        start = int(rng.integers(0, info.frames - frames + 1)) if crop == "random" else 0
-        data, _ = sf.read(path, start=start, frames=frames, dtype="float32", always_2d=True)
-        wav = to_mono(data.T)
-        if not np.all(np.isfinite(wav)):
-            raise ValueError(f"{path}: the audio holds NaN or infinite samples")
-    else:
-        data, _ = load_audio(path)
-        wav = to_mono(data)
+    with epath.Path(path).open("rb") as f, sf.SoundFile(f) as audio:
+        frames = int(audio.samplerate * seconds)
+        if audio.frames > frames and crop == "random":
+            audio.seek(int(rng.integers(0, audio.frames - frames + 1)))
+        wav = to_mono(audio.read(min(frames, audio.frames), dtype="float32", always_2d=True).T)
+        rate = audio.samplerate
     if wav.size == 0:
         raise ValueError(f"{path}: no samples")
-    return wav, info.samplerate
+    if not np.all(np.isfinite(wav)):
+        raise ValueError(f"{path}: the audio holds NaN or infinite samples")
+    return wav, rate
 
 
 def volume_norm(wav: np.ndarray, sample_rate: int, target_lufs: float, threshold: float) -> np.ndarray:
@@ -163,26 +171,59 @@ class LoadClip(grain.transforms.RandomMap):
         return {"wav": wav.astype(np.float32), "length": np.int32(valid)}
 
 
-def make_loader(source: str | Path, config: DataConfig, seed: int, *, shuffle: bool | None = None,
-                num_epochs: int | None = None) -> grain.DataLoader:
-    """grain ``DataLoader`` yielding this host's batches (``global_batch_size / process_count`` rows).
+class ProcessRows:
+    """grain sampler: rows ``[start, stop)`` of every global batch of ``base``'s stream, from batch
+    ``first_batch`` on. Local index ``i`` is global position ``(first_batch + i // L)·G + start + i % L``
+    (``L = stop - start``); the record keeps that position's metadata (record key and RNG)."""
 
-    ``num_epochs=None`` repeats forever. Iterate ``iter(loader)``; the iterator's ``get_state`` /
-    ``set_state`` are what the checkpoint stores.
+    def __init__(self, base: grain.samplers.IndexSampler, global_batch: int, rows: tuple[int, int],
+                 first_batch: int = 0):
+        start, stop = rows
+        if not 0 <= start < stop <= global_batch:
+            raise ValueError(f"rows {rows} are not a block of a global batch of {global_batch}")
+        self.base, self.global_batch, self.rows, self.first_batch = base, global_batch, rows, first_batch
+
+    def __len__(self) -> int:
+        batches = max(0, len(self.base) // self.global_batch - self.first_batch)
+        return batches * (self.rows[1] - self.rows[0])
+
+    def __getitem__(self, index: int):
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} records")
+        batch, row = divmod(index, self.rows[1] - self.rows[0])
+        return self.base[(self.first_batch + batch) * self.global_batch + self.rows[0] + row]
+
+    def __repr__(self) -> str:
+        return (f"ProcessRows(base={self.base!r}, global_batch={self.global_batch}, rows={self.rows}, "
+                f"first_batch={self.first_batch})")
+
+
+def make_loader(source: str | os.PathLike, config: DataConfig, seed: int, *, shuffle: bool | None = None,
+                num_epochs: int | None = None, rows: tuple[int, int] | None = None,
+                first_batch: int = 0) -> grain.DataLoader:
+    """grain ``DataLoader`` yielding this process's rows of each global batch, from global batch
+    ``first_batch`` on (a run resumed at step ``k``: ``first_batch=k``).
+
+    ``rows``: the ``[start, stop)`` rows of a global batch that this process's devices hold
+    (:func:`almtok_jax.train.sharding.process_rows`); default: block ``process_index`` of
+    ``process_count`` equal blocks. ``num_epochs=None`` repeats forever; the last partial global batch of a
+    finite stream is dropped.
     """
     entries = read_source(source, config.extensions)
-    hosts = jax.process_count()
-    if config.global_batch_size % hosts:
-        raise ValueError(f"global_batch_size={config.global_batch_size} not divisible by {hosts} hosts")
+    size, hosts = config.global_batch_size, jax.process_count()
+    if size % hosts:
+        raise ValueError(f"global_batch_size={size} not divisible by {hosts} processes")
+    if rows is None:
+        rows = (jax.process_index() * size // hosts, (jax.process_index() + 1) * size // hosts)
     sampler = grain.samplers.IndexSampler(
-        num_records=len(entries), shard_options=grain.sharding.ShardByJaxProcess(drop_remainder=True),
-        shuffle=config.shuffle if shuffle is None else shuffle, num_epochs=num_epochs, seed=seed)
+        num_records=len(entries), shuffle=config.shuffle if shuffle is None else shuffle,
+        num_epochs=num_epochs, seed=seed)
     return grain.DataLoader(
-        data_source=ClipSource(entries), sampler=sampler,
-        operations=[LoadClip(entries, config),
-                    grain.transforms.Batch(config.global_batch_size // hosts, drop_remainder=True)],
-        worker_count=config.worker_count, worker_buffer_size=config.worker_buffer_size)
+        data_source=ClipSource(entries), sampler=ProcessRows(sampler, size, rows, first_batch),
+        operations=[LoadClip(entries, config), grain.transforms.Batch(rows[1] - rows[0], drop_remainder=True)],
+        worker_count=config.worker_count, worker_buffer_size=config.worker_buffer_size,
+        shard_options=grain.sharding.NoSharding())
 
 
-def dataset_size(source: str | Path, config: DataConfig) -> int:
+def dataset_size(source: str | os.PathLike, config: DataConfig) -> int:
     return len(read_source(source, config.extensions))

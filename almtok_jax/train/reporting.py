@@ -4,19 +4,22 @@ Only process 0 writes. Every logged step appends one JSON object to ``WORKDIR/me
 least ``step, loss, grad_norm, lr, skipped`` and the task's loss terms (``loss_*``: for ALMTokenizer2
 ``loss_flow, loss_commit, loss_phone``); validation lines carry a ``split`` field.
 TensorBoard scalars go to ``WORKDIR/tensorboard`` when ``tensorboardX`` is installed.
+``WORKDIR`` may be a URI (``etils.epath``); TensorBoard files then go through tensorboardX's own storage
+layer (which reads ``gs://`` / ``s3://`` with its optional dependencies).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Mapping
-from pathlib import Path
 
 import jax
 import numpy as np
 import soundfile as sf
+from etils import epath
 
 log = logging.getLogger("almtok_jax.train")
 
@@ -24,11 +27,11 @@ log = logging.getLogger("almtok_jax.train")
 class TrainLogger:
     """``log_train`` every ``LoggingConfig.every`` steps, ``log_eval`` after validation passes."""
 
-    def __init__(self, workdir: str | Path, tensorboard: bool = True, audio_seconds_per_step: float = 0.0,
+    def __init__(self, workdir: str | os.PathLike, tensorboard: bool = True, audio_seconds_per_step: float = 0.0,
                  resume_step: int | None = None):
         """``resume_step``: the step a resumed run restarts from; later lines of ``metrics.jsonl`` (from the
         steps the run will do again) are dropped first."""
-        self.workdir = Path(workdir)
+        self.workdir = epath.Path(workdir)
         self.primary = jax.process_index() == 0
         self.audio_seconds_per_step = audio_seconds_per_step
         self.writer = None
@@ -37,7 +40,7 @@ class TrainLogger:
             self.workdir.mkdir(parents=True, exist_ok=True)
             if resume_step is not None:
                 _truncate_jsonl(self.workdir / "metrics.jsonl", resume_step)
-            self.jsonl = open(self.workdir / "metrics.jsonl", "a")
+            self.jsonl = (self.workdir / "metrics.jsonl").open("a")
             if tensorboard:
                 try:
                     from tensorboardX import SummaryWriter
@@ -83,9 +86,10 @@ class TrainLogger:
             return
         folder = self.workdir / "samples" / f"{step:08d}"
         folder.mkdir(parents=True, exist_ok=True)
-        for i, (rec, ref) in enumerate(zip(wavs, references, strict=True)):
-            sf.write(folder / f"{i}_rec.wav", np.clip(rec, -1, 1), sample_rate)
-            sf.write(folder / f"{i}_ref.wav", np.clip(ref, -1, 1), sample_rate)
+        for i, pair in enumerate(zip(wavs, references, strict=True)):
+            for kind, wav in zip(("rec", "ref"), pair, strict=True):
+                with (folder / f"{i}_{kind}.wav").open("wb") as f:
+                    sf.write(f, np.clip(wav, -1, 1), sample_rate, format="WAV")
 
     def _write(self, record: dict, prefix: str) -> None:
         self.jsonl.write(json.dumps(record) + "\n")
@@ -103,7 +107,7 @@ class TrainLogger:
                 self.writer.close()
 
 
-def _truncate_jsonl(path: Path, last_step: int) -> None:
+def _truncate_jsonl(path: epath.Path, last_step: int) -> None:
     """Keep the records of steps ``<= last_step`` (written to a temporary file, then renamed over); a line
     cut short by a kill is dropped too."""
     if not path.exists():

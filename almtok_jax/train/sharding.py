@@ -2,24 +2,29 @@
 
 The mesh has three axes ``("data", "fsdp", "tensor")``. Batches are split over ``("data", "fsdp")``;
 parameters and optimizer state are split over ``fsdp`` (ZeRO-3 style, the JAX counterpart of the
-reference's FULL_SHARD FSDP, spec ``04-sqcodec-training.md`` B.12); no rule uses ``tensor`` yet.
+reference's FULL_SHARD FSDP, spec ``04-sqcodec-training.md`` B.12); ``tensor`` is reserved for tensor
+parallelism: today no leaf and no batch dimension is split over it, so devices along ``tensor`` hold and
+compute the same thing (keep ``mesh.tensor=1``).
 
 The model modules carry no ``nn.with_logical_partitioning`` annotations, so :func:`leaf_spec` derives a
 spec from each leaf's shape: the largest dimension divisible by the ``fsdp`` size is split over ``fsdp``;
 leaves smaller than ``min_shard_size`` elements, or with no divisible dimension, are replicated. The rule
 depends on the shape only, so Adam's ``mu`` / ``nu`` get the spec of their parameter.
 
-Multi-host (TPU pod slice or several GPU hosts): every host runs the same command; JAX discovers the
-other hosts (``--multihost``, or automatically when ``JAX_COORDINATOR_ADDRESS`` is set), each host reads
-its own shard of the data, and the global batch is assembled with
-``jax.make_array_from_process_local_data``. On a TPU pod::
+Multi-host (TPU pod slice, several GPU hosts, or several CPU processes): every process runs the same
+command; :func:`maybe_initialize_distributed` joins them when ``JAX_COORDINATOR_ADDRESS`` is set (with
+``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``, or detected by jax; ``--multihost`` forces it where the
+environment names no coordinator, e.g. a TPU pod), each process reads its own shard of the data, and the
+global batch is assembled with ``jax.make_array_from_process_local_data``. On a TPU pod::
 
     gcloud compute tpus tpu-vm ssh $TPU_NAME --zone $ZONE --worker=all --command \\
       "cd almtok-jax && python train.py --config configs/train_almtokenizer2.yaml \\
        --workdir gs://BUCKET/runs/alm_v1 --multihost mesh.data=-1 mesh.fsdp=8"
 
 (``--workdir`` must be a location every host sees: a GCS bucket or a shared file system.) On GPU
-clusters set ``JAX_COORDINATOR_ADDRESS=host0:1234 JAX_NUM_PROCESSES=N JAX_PROCESS_ID=i`` on each host.
+clusters set ``JAX_COORDINATOR_ADDRESS=host0:1234 JAX_NUM_PROCESSES=N JAX_PROCESS_ID=i`` on each host
+(``tests/test_multihost.py`` launches 2 CPU processes this way). A checkpoint written by N processes
+restores in a run of M processes (orbax restores onto the target shardings).
 """
 
 from __future__ import annotations
@@ -45,13 +50,17 @@ BATCH_AXES = ("data", "fsdp")
 
 
 def maybe_initialize_distributed(force: bool = False) -> None:
-    """``jax.distributed.initialize()`` when asked or when the coordinator is given in the environment.
+    """``jax.distributed.initialize()`` when asked or when ``JAX_COORDINATOR_ADDRESS`` is set.
 
-    Must run before anything touches the devices.
+    ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` (read here: jax itself does not) give the process count
+    and this process's index; where they are unset, jax detects them (TPU pods, SLURM, Open MPI). CPU
+    processes exchange collectives over gloo (jax's default). Must run before anything touches the devices.
     """
-    if force or os.environ.get("JAX_COORDINATOR_ADDRESS"):
-        jax.distributed.initialize()
-        log.info("distributed: process %d of %d", jax.process_index(), jax.process_count())
+    if not (force or os.environ.get("JAX_COORDINATOR_ADDRESS")):
+        return
+    given = {"num_processes": os.environ.get("JAX_NUM_PROCESSES"), "process_id": os.environ.get("JAX_PROCESS_ID")}
+    jax.distributed.initialize(**{k: int(v) for k, v in given.items() if v is not None})
+    log.info("distributed: process %d of %d", jax.process_index(), jax.process_count())
 
 
 def mesh_shape(config: MeshConfig, num_devices: int) -> tuple[int, int, int]:
@@ -118,6 +127,16 @@ def state_shardings(abstract_state: Any, mesh: Mesh, config: ShardingConfig) -> 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Leading (batch) dimension split over ``("data", "fsdp")``."""
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def process_rows(mesh: Mesh, global_rows: int) -> tuple[int, int]:
+    """The rows ``[start, stop)`` of a ``(global_rows, ...)`` batch that this process's devices hold."""
+    slices = [idx[0] for idx in batch_sharding(mesh).addressable_devices_indices_map((global_rows,)).values()]
+    start, stop = min(s.start or 0 for s in slices), max(global_rows if s.stop is None else s.stop for s in slices)
+    if (stop - start) * jax.process_count() != global_rows:
+        raise ValueError(f"this process's devices hold rows {start}..{stop} of {global_rows}: not a contiguous "
+                         f"1/{jax.process_count()} block (check the mesh)")
+    return start, stop
 
 
 def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

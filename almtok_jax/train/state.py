@@ -87,7 +87,8 @@ def make_optimizer(config: OptimizerConfig, mask: Any) -> optax.GradientTransfor
 
 def make_schedule(config: ScheduleConfig, peak_lr: float, total_steps: int,
                   warmup_steps: int) -> Callable[[jax.Array], jax.Array]:
-    """Reference ``get_cosine_scheduler``: ``c/W`` for ``c < W``, then a half cosine to ``end`` at ``S``.
+    """Reference ``get_cosine_scheduler``: ``c/W`` for ``c < W``, then a half cosine to ``end`` at ``S``,
+    and ``end`` after ``S`` (the reference's ``max(0, cos)`` form would climb back up past the horizon).
 
     ``c`` = updates done before this one, so the first update uses lr 0 (B.8).
     """
@@ -99,11 +100,19 @@ def make_schedule(config: ScheduleConfig, peak_lr: float, total_steps: int,
         if config.kind == "constant":
             after = jnp.ones_like(c)
         else:
-            progress = (c - warmup_steps) / max(1, total_steps - warmup_steps)
+            progress = jnp.minimum(c - warmup_steps, total_steps - warmup_steps) / max(1, total_steps - warmup_steps)
             after = end + (1.0 - end) * jnp.maximum(0.0, 0.5 * (1.0 + jnp.cos(math.pi * progress)))
         return peak_lr * jnp.where(c < warmup_steps, warm, after)
 
     return schedule
+
+
+def past_horizon_note(run_steps: int, horizon: int, schedule: Callable[[jax.Array], jax.Array]) -> str | None:
+    """The log line for a run that goes past the schedule horizon, else ``None``."""
+    if run_steps <= horizon:
+        return None
+    return (f"the run goes to step {run_steps}, past the schedule horizon of {horizon} steps: from update "
+            f"{horizon + 1} on the learning rate stays at its final value {float(schedule(horizon)):.3g}")
 
 
 def _cast_floats(tree: Params, dtype: jnp.dtype) -> Params:
