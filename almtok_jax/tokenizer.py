@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from almtok_jax.audio import AudioError, resample
+from almtok_jax.audio import AudioError, resample, resampled_length
 from almtok_jax.compat import Compat, check_compat
 from almtok_jax.config import ALMTokenizer2Config
 from almtok_jax.flow.cfm import RELEASE_SAMPLER, SamplerConfig
@@ -154,7 +154,12 @@ class ALMTokenizer2:
         if not np.all(np.isfinite(wav)):
             raise AudioError("audio contains NaN or infinite samples")
         if sample_rate != self.sample_rate:
-            wav = np.asarray(resample(jnp.asarray(wav), int(sample_rate), self.sample_rate))
+            # Zero-padded to whole seconds (the resampler pads with zeros anyway, so the kept samples are
+            # unchanged): one compilation per duration in seconds, not per file length.
+            n, rate = wav.shape[-1], int(sample_rate)
+            padded = np.pad(wav, [(0, 0)] * (wav.ndim - 1) + [(0, -n % rate)])
+            wav = np.asarray(resample(jnp.asarray(padded), rate, self.sample_rate))
+            wav = wav[..., :resampled_length(n, rate, self.sample_rate)]
         return wav
 
     def encode_clips(self, clips: Sequence[np.ndarray]) -> list[dict[str, np.ndarray]]:

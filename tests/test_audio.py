@@ -170,3 +170,17 @@ def test_log_mel_end_to_end_from_24k_audio():
         audio, mel = z["in/audio24k_quirk"], z["in/mel_quirk"]
     ours = whisper_log_mel(resample(jnp.asarray(audio), 24000, 16000), LogMelConfig())
     np.testing.assert_allclose(np.asarray(ours).transpose(0, 2, 1), mel, atol=5e-5)
+
+
+@pytest.mark.parametrize(("rate", "length"), [(16000, 16037), (44100, 4410), (48000, 96000), (22050, 1)])
+def test_tokenizer_resampling_pads_to_whole_seconds_without_changing_a_sample(rate, length):
+    """``ALMTokenizer2.to_model_rate`` compiles once per duration in seconds (zero padding to whole seconds)
+    and gives exactly the unpadded resampler's samples, mono and stereo."""
+    from almtok_jax.config import ALMTokenizer2Config
+    from almtok_jax.tokenizer import ALMTokenizer2
+
+    tok = ALMTokenizer2({}, ALMTokenizer2Config())
+    wav = np.random.default_rng(length).standard_normal((2, length)).astype(np.float32)
+    expected = np.asarray(resample(jnp.asarray(wav), rate, 24000))
+    np.testing.assert_array_equal(tok.to_model_rate(wav, rate), expected)
+    np.testing.assert_array_equal(tok.to_model_rate(wav[0], rate), expected[0])
