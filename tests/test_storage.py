@@ -22,10 +22,9 @@ import pytest
 import yaml
 
 from almtok_jax.config import load_model_config, to_dict
-from almtok_jax.model import split_variables
+from almtok_jax.model import abstract_variables, split_variables
 from almtok_jax.tokenizer import ALMTokenizer2
 from almtok_jax.train.checkpoint import load_model_dir, save_model_dir
-from almtok_jax.train.task import random_variables
 
 REPO = Path(__file__).resolve().parents[1]
 AUDIO = Path(os.environ.get("ALMTOK_SHARED", REPO.parent / "shared")).resolve() / "audio"
@@ -84,7 +83,7 @@ def test_model_dir_in_the_bucket_loads_with_tokenizer_load(tmp_path, monkeypatch
     with pytest.raises(mock_gcs.PathConversionError):
         Path("gs://bucket/x")  # the guard is active
     config = load_model_config("tiny_release")
-    shapes = jax.eval_shape(lambda k: random_variables(config, k), jax.random.key(0))
+    shapes = abstract_variables(config)
     variables = jax.tree.map(lambda s: np.full(s.shape, 0.5, s.dtype), shapes)
     save_model_dir("gs://bucket/models/tiny", split_variables(variables), yaml.safe_dump(to_dict(config)))
     assert (tmp_path / "bucket" / "models" / "tiny" / "params").is_dir()
