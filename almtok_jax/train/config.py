@@ -122,16 +122,21 @@ class ValidationConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything a training run needs besides the model preset (``model``) and its weights (``init``).
+    """Everything a training run needs besides the model preset (``model``) and its weights.
 
     ``model``: the name of a shipped model preset (``tiny_release``), the path of a preset YAML, or a
     ``"module:function"`` task factory (the tests' stand-in task ``tests.toy_task:toy_task``).
-    ``init``: where frozen experts / SQ codec come from, a model
-    directory written by :func:`almtok_jax.train.checkpoint.save_model_dir`, or ``"random"``.
+    ``frozen_from``: where the frozen parts (Whisper, WavLM, MusicFM, SQ codec) come from: a model directory
+    (``convert_torch_weights.py`` or ``train.py --export``), or ``"random"`` (tests and the toy only).
+    ``trainable_init``: how the trained parts (fusion, quantizer with its RVQ codebooks, flow decoder) start:
+    ``"random"``, the modules' own initializers (the reference recipe: trained from scratch), or a model
+    directory (a fine-tune; parts no model directory holds, such as the GPT-loss predictor, start from
+    their initializers).
     """
 
     model: str = "almtokenizer2"
-    init: str = "random"
+    frozen_from: str = "random"
+    trainable_init: str = "random"
     seed: int = 2336
     epochs: int = 5
     steps: int | None = None  # total optimizer steps; None = epochs x steps per epoch

@@ -180,11 +180,8 @@ def main(argv: list[str] | None = None) -> None:
 
     checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", config.checkpoint)
     resume = args.resume and checkpointer.latest_step() is not None
-    if config.init == "random":
-        state, frozen = initialised_state(init, state_sh, frozen_sh, with_state=not resume)
-    else:
-        with reported_as_user_error():  # a broken or mismatched model directory
-            state, frozen = loaded_state(task, config, optimizer, state_sh, frozen_sh, with_state=not resume)
+    with reported_as_user_error():  # a broken or mismatched model directory
+        state, frozen = starting_point(task, config, init, optimizer, state_sh, frozen_sh, with_state=not resume)
     if resume:
         target = ckpt_lib.abstract_with_shardings(abstract_state, state_sh)
         with reported_as_user_error():  # no checkpoint reads back
@@ -231,24 +228,33 @@ def main(argv: list[str] | None = None) -> None:
     logger.close()
 
 
-def initialised_state(init: Callable[[], tuple], state_sh: Any, frozen_sh: Any, with_state: bool) -> tuple:
-    """``(state, frozen)`` from the modules' own initializers (``init: random``), built on the devices;
-    ``state`` is None (and not built) unless ``with_state``."""
-    if with_state:
+def starting_point(task: Task, config: TrainConfig, init: Callable[[], tuple], optimizer: optax.GradientTransformation,
+                   state_sh: Any, frozen_sh: Any, with_state: bool) -> tuple:
+    """``(state, frozen)`` at step 0, built on the devices: the frozen parts from ``config.frozen_from``, the
+    trained parts (and their extra state) from ``config.trainable_init``, ``"random"`` meaning the modules'
+    own initializers; trained parts the model directory does not hold start from theirs. ``state`` is None
+    (and not built) unless ``with_state`` (a resumed run restores it)."""
+    random_frozen, random_trainable = config.frozen_from == "random", config.trainable_init == "random"
+    if not (random_frozen and random_trainable) and task.load_fn is None:
+        raise SystemExit(f"error: model {config.model!r} cannot start from a model directory "
+                         "(frozen_from / trainable_init)")
+    if random_frozen and random_trainable and with_state:
         return jax.jit(init, out_shardings=(state_sh, frozen_sh))()
-    return None, jax.jit(lambda: init()[1], out_shardings=frozen_sh)()
-
-
-def loaded_state(task: Task, config: TrainConfig, optimizer: optax.GradientTransformation, state_sh: Any,
-                 frozen_sh: Any, with_state: bool) -> tuple:
-    """``(state, frozen)`` from the model directory ``config.init`` (its trainable variables start the
-    state); ``state`` is None (and not built) unless ``with_state``."""
-    if task.load_fn is None:
-        raise SystemExit(f"error: model {config.model!r} cannot start from a model directory (init)")
-    trainable, frozen, extra = task.load_fn(config.init)
-    frozen = put_global(frozen, frozen_sh)
+    if random_frozen:
+        frozen = jax.jit(lambda: init()[1], out_shardings=frozen_sh)()
+    else:
+        frozen = put_global(task.load_fn(config.frozen_from, "frozen")[1], frozen_sh)
     if not with_state:
         return None, frozen
+    if random_trainable:
+        return jax.jit(lambda: init()[0], out_shardings=state_sh)(), frozen
+    trainable, _, extra = task.load_fn(config.trainable_init, "trainable")
+    fresh = [name for name in state_sh.trainable if name not in trainable]
+    if fresh:  # e.g. the GPT-loss predictor: no model directory holds it
+        log.info("trainable parts %s start from their initializers (not in %s)", fresh, config.trainable_init)
+        new = jax.device_get(jax.jit(lambda: init()[0])())
+        trainable = {**trainable, **{k: new.trainable[k] for k in fresh}}
+        extra = {**extra, **{k: new.extra[k] for k in fresh if k in new.extra}}
     make = jax.jit(lambda t, e: new_train_state(t, e, optimizer, config.seed), out_shardings=state_sh)
     return make(put_global(trainable, state_sh.trainable), put_global(extra, state_sh.extra)), frozen
 

@@ -42,15 +42,17 @@ class Task:
     ``reconstruct_fn(trainable, frozen, extra, wav, rng) -> wav`` (optional, for audio samples);
     ``param_names(trainable) -> tree of str`` (optional): the reference (PyTorch) name of every trainable
     leaf, used by the weight-decay rule; default: the Flax path joined with ``"."``;
-    ``load_fn(model_dir) -> (trainable, frozen, extra)`` as host arrays (optional): start from a model
-    directory (``init: DIR``) instead of ``init_fn``'s random values.
+    ``load_fn(model_dir, part) -> (trainable, frozen, extra)`` as host arrays (optional), ``part`` being
+    ``"frozen"`` or ``"trainable"``: the frozen parts (``frozen_from: DIR``) or the trained parts
+    (``trainable_init: DIR``) of a model directory instead of ``init_fn``'s random values; trained parts it
+    does not return keep ``init_fn``'s.
     """
 
     init_fn: Callable[[jax.Array, Batch], tuple[Params, Params, Params]]
     loss_fn: LossFn
     reconstruct_fn: Callable[..., jax.Array] | None = None
     param_names: Callable[[Params], Any] | None = None
-    load_fn: Callable[[str], tuple[Params, Params, Params]] | None = None
+    load_fn: Callable[[str, str], tuple[Params, Params, Params]] | None = None
 
 
 @struct.dataclass

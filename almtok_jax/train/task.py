@@ -22,7 +22,7 @@ Deviations (documented): the cond / latent frame counts are cut to the shorter o
 segments of ``48000·k`` samples); in-context prefix lengths are capped at ``T − 1`` frames so that a
 sample always keeps a target frame (never active for the reference's 12 s segments); the flow loss is
 normalised by the global ``Σw`` of the batch (the reference normalises per GPU); experts run in eval mode.
-The optional GPT loss (``quantizer.gpt_loss``) is not wired.
+The optional GPT loss (``quantizer.gpt_loss``) adds a trained next-code predictor (component ``gpt``).
 
 Weight decay (``param_names``): the Flax paths already agree with the reference names on the one rule that
 matters (substring ``"norm"``): only ``q_norm_*`` / ``k_norm_*`` of the query transformers contain it, as in
@@ -44,6 +44,7 @@ from almtok_jax.flow.dit import DiTEstimator
 from almtok_jax.model import (
     FROZEN,
     check_model,
+    components,
     decode_latents,
     encode_segments,
     expert_streams,
@@ -70,20 +71,21 @@ REMAT_POLICY = "nothing_saveable"
 
 def task_trees(variables: Mapping) -> tuple[dict, dict, dict]:
     """Model variables -> ``(trainable, frozen, extra)`` (the module docstring's layout)."""
-    frozen = {k: dict(variables[k]) for k in FROZEN}
+    frozen = {k: dict(v) for k, v in variables.items() if k in FROZEN}
     trained = [k for k in variables if k not in FROZEN]
     trainable = {k: {"params": variables[k]["params"]} for k in trained}
     extra = {k: {c: v for c, v in variables[k].items() if c != "params"} for k in trained}
     return trainable, frozen, {k: v for k, v in extra.items() if v}
 
 
-def directory_variables(directory: str | Path, config: ALMTokenizer2Config) -> dict:
-    """Model variables (NumPy) of a model directory (``convert_torch_weights.py`` or a training export):
-    its own config checked against its weights (:func:`~almtok_jax.model.load_model`), then the weights
-    against the training model ``config``."""
+def directory_variables(directory: str | Path, config: ALMTokenizer2Config,
+                        names: tuple[str, ...] | None = None) -> dict:
+    """Model variables (NumPy) of a model directory (``convert_torch_weights.py`` or a training export) for
+    the components ``names`` (default: all): its own config checked against its weights
+    (:func:`~almtok_jax.model.load_model`), then the weights against the training model ``config``."""
     variables, _ = load_model(directory)
-    check_model(variables, config, f"{directory} (for the training model config)")
-    return variables
+    check_model(variables, config, f"{directory} (for the training model config)", names)
+    return {k: v for k, v in variables.items() if names is None or k in names}
 
 
 # ------------------------------------------------------------------------------------------------ loss
@@ -158,16 +160,19 @@ def training_model_config(model_config_path: str | Path, train_config: TrainConf
 
 def train_task(model_config_path: str | Path, train_config: TrainConfig) -> Task:
     """The :class:`Task` of ALMTokenizer2 for a model preset: ``init_fn`` gives every component's variables
-    from the modules' own initializers, ``load_fn`` those of a model directory (host arrays, checked against
-    the preset)."""
+    from the modules' own initializers, ``load_fn(directory, part)`` those of a model directory (host arrays,
+    checked against the preset): ``part="frozen"`` the frozen components, ``"trainable"`` the trained ones a
+    model directory holds (not the GPT-loss predictor, which only training makes)."""
     config = training_model_config(model_config_path, train_config)
 
     def init_fn(rng: Array, batch: Batch) -> tuple[Params, Params, Params]:
         del batch  # variable shapes do not depend on the segment length
         return task_trees(init_variables(config, rng))
 
-    def load_fn(directory: str) -> tuple[Params, Params, Params]:
-        return task_trees(directory_variables(directory, config))
+    def load_fn(directory: str, part: str) -> tuple[Params, Params, Params]:
+        names = tuple(c.name for c in components(config)
+                      if (c.frozen if part == "frozen" else not c.frozen and c.source is not None))
+        return task_trees(directory_variables(directory, config, names))
 
     def loss_fn(trainable, frozen, extra, batch, rng):
         return training_loss(trainable, frozen, extra, batch, rng, config)
