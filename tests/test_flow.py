@@ -133,6 +133,32 @@ def test_loss_weights_and_normalisation():
     np.testing.assert_allclose(loss, np.sum(w**2) / np.sum(w), rtol=1e-4)  # numerator w², denominator w
 
 
+def test_per_device_normalisation_averages_the_groups_own_ratios():
+    """``groups=2`` (``loss_normalization: per_device`` on 2 devices): Σw²/Σw per half of the batch, averaged
+    (the reference's per-GPU loss under DDP), which differs from the global ratio when the halves' weights do."""
+    masks = jnp.array([[2, 2, 2, 2], [2, 2, 0, 0], [2, 0, 0, 0], [1, 2, 2, 0]])
+    x1 = jax.random.normal(jax.random.key(5), (4, 4, CFG.out_channels))
+    config = FlowLossConfig()
+
+    def off_by_one(h, t):  # squared error 1 everywhere
+        tb = t[:, None, None]
+        z = (h[..., :CFG.out_channels] - tb * x1) / (1 - (1 - config.sigma_min) * tb)
+        return x1 - (1 - config.sigma_min) * z + 1.0
+
+    def loss(groups):
+        return jax.jit(lambda *a: flow_matching_loss(off_by_one, *a, config, groups)[0])(
+            x1, jnp.zeros((4, 4, CFG.cond_dim)), masks, jnp.zeros(CFG.cond_dim),
+            _draws(masks.shape, cfg_u=(0.5,) * 4, t=(0.2, 0.4, 0.6, 0.8)))
+
+    w = np.asarray(loss_weights(masks, config.padding_weight))
+    per_half = [np.sum(w[rows] ** 2) / np.sum(w[rows]) for rows in (slice(0, 2), slice(2, 4))]
+    np.testing.assert_allclose(loss(2), np.mean(per_half), rtol=1e-4)
+    np.testing.assert_allclose(loss(1), np.sum(w ** 2) / np.sum(w), rtol=1e-4)
+    assert abs(float(loss(2)) - float(loss(1))) > 1e-3
+    with pytest.raises(ValueError, match="does not split into 3"):
+        loss(3)
+
+
 def test_loss_prefix_padding_fill_and_cfg_dropout():
     masks = jnp.array([[2] * 6, [2] * 4 + [0] * 2])
     x1 = jnp.ones((2, 6, CFG.out_channels))

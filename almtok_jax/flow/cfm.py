@@ -122,14 +122,16 @@ def loss_weights(masks: Array, padding_weight: float) -> Array:
 
 
 def flow_matching_loss(velocity: VelocityFn, latents: Array, cond: Array, latent_masks: Array,
-                       zero_cond: Array, draws: FlowLossDraws, config: FlowLossConfig
+                       zero_cond: Array, draws: FlowLossDraws, config: FlowLossConfig, groups: int = 1
                        ) -> tuple[Array, dict[str, Array]]:
     """The training loss of one batch and its intermediates.
 
     ``latents (B, T, C)`` clean targets x1, ``cond (B, T, cond_dim)``, ``latent_masks (B, T)`` with 2 on
     valid and 0 on padding frames, ``zero_cond (cond_dim,)``. Returns ``(loss, aux)``; ``aux`` holds
     ``latent_masks`` (with the prefix marked), ``cond`` (padding-filled, CFG-dropped), ``incontext``,
-    ``y``, ``t``, ``velocity``. The loss is ``Σ (w·v̂ − w·u)² / (Σ w · C)`` (so the numerator carries w²).
+    ``y``, ``t``, ``velocity``. The loss is ``Σ (w·v̂ − w·u)² / (Σ w · C)`` (so the numerator carries w²)
+    over the whole batch; with ``groups`` > 1 it is that ratio per group of ``B / groups`` consecutive rows,
+    averaged over the groups (the reference's per-GPU loss averaged by DDP, one group per device).
     """
     b, frames, channels = latents.shape
     if cond.shape[:2] != (b, frames) or latent_masks.shape != (b, frames):
@@ -148,7 +150,13 @@ def flow_matching_loss(velocity: VelocityFn, latents: Array, cond: Array, latent
     v = velocity(estimator_input(y, prompt, cond), t)
 
     w = loss_weights(masks, config.padding_weight)[..., None]
-    loss = jnp.sum(jnp.square(w * v - w * u)) / (jnp.sum(w) * channels)
+    if groups == 1:
+        loss = jnp.sum(jnp.square(w * v - w * u)) / (jnp.sum(w) * channels)
+    else:
+        if b % groups:
+            raise ValueError(f"a batch of {b} rows does not split into {groups} equal loss groups")
+        num = jnp.sum(jnp.square(w * v - w * u), axis=(1, 2)).reshape(groups, -1).sum(axis=1)
+        loss = jnp.mean(num / (jnp.sum(w, axis=(1, 2)).reshape(groups, -1).sum(axis=1) * channels))
     aux = dict(latent_masks=masks, cond=cond, incontext=prompt, y=y, t=t, velocity=v)
     return loss, aux
 

@@ -141,6 +141,10 @@ class TrainConfig:
     epochs: int = 5
     steps: int | None = None  # total optimizer steps; None = epochs x steps per epoch
     remat: bool = False  # handed to the task (activation checkpointing per block)
+    # How the flow loss is normalised: over the global batch (this port's default: the same loss whatever the
+    # device count), or per device as the reference's DDP does (Σ w·err² / Σ w on each device's rows, then
+    # the mean over devices; equal to the global one when every row has the same weight sum).
+    loss_normalization: Literal["global_batch", "per_device"] = "global_batch"
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)

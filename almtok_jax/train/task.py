@@ -21,7 +21,8 @@ loss runs on ``cond`` and the latents with masks 2 on the first ``length // hop`
 Deviations (documented): the cond / latent frame counts are cut to the shorter of the two (equal for
 segments of ``48000·k`` samples); in-context prefix lengths are capped at ``T − 1`` frames so that a
 sample always keeps a target frame (never active for the reference's 12 s segments); the flow loss is
-normalised by the global ``Σw`` of the batch (the reference normalises per GPU); experts run in eval mode.
+normalised by the global ``Σw`` of the batch by default (``loss_normalization: per_device`` normalises per device, as
+the reference does per GPU); experts run in eval mode.
 The optional GPT loss (``quantizer.gpt_loss``) adds a trained next-code predictor (component ``gpt``).
 
 Weight decay (``param_names``): the Flax paths already agree with the reference names on the one rule that
@@ -97,8 +98,9 @@ def latent_masks(length: Array, frames: int, hop: int) -> Array:
 
 
 def training_loss(trainable: Params, frozen: Params, extra: Params, batch: Batch, rng: Array,
-                  config: ALMTokenizer2Config) -> tuple[Array, tuple[dict[str, Array], Params]]:
-    """The :data:`~almtok_jax.train.state.LossFn` of ALMTokenizer2 (module docstring)."""
+                  config: ALMTokenizer2Config, loss_groups: int = 1) -> tuple[Array, tuple[dict[str, Array], Params]]:
+    """The :data:`~almtok_jax.train.state.LossFn` of ALMTokenizer2 (module docstring); the flow loss is
+    normalised per group of ``B / loss_groups`` rows (one group per device: the reference's per-GPU loss)."""
     wav, length = batch["wav"], batch["length"]
     if wav.ndim != 2 or length.shape != wav.shape[:1]:
         raise ValueError(f"batch must hold wav (B, S) and length (B,), got {wav.shape} and {length.shape}")
@@ -119,7 +121,8 @@ def training_loss(trainable: Params, frozen: Params, extra: Params, batch: Batch
     estimator = DiTEstimator(config.dit)
     est_vars = estimator_variables(variables["flow"])
     loss_flow, _ = flow_matching_loss(lambda h, t: estimator.apply(est_vars, h, t), latents, cond, masks,
-                                      variables["flow"]["params"]["zero_cond_embedding1"], draws, config.flow_loss)
+                                      variables["flow"]["params"]["zero_cond_embedding1"], draws, config.flow_loss,
+                                      loss_groups)
     loss_commit = out["commit_loss"].astype(jnp.float32)
     loss_phone = out["phone_loss"].astype(jnp.float32)
     loss = loss_flow + loss_commit + config.quantizer.pronunciation.loss_weight * loss_phone
@@ -174,8 +177,11 @@ def train_task(model_config_path: str | Path, train_config: TrainConfig) -> Task
                       if (c.frozen if part == "frozen" else not c.frozen and c.source is not None))
         return task_trees(directory_variables(directory, config, names))
 
+    # per_device: one loss group per batch shard (the batch is split over every device but the tensor axis)
+    groups = jax.device_count() // train_config.mesh.tensor if train_config.loss_normalization == "per_device" else 1
+
     def loss_fn(trainable, frozen, extra, batch, rng):
-        return training_loss(trainable, frozen, extra, batch, rng, config)
+        return training_loss(trainable, frozen, extra, batch, rng, config, groups)
 
     def reconstruct_fn(trainable, frozen, extra, wav, rng):
         return reconstruct(trainable, frozen, extra, wav, rng, config)
