@@ -3,8 +3,9 @@
 Each component module defines one :class:`Component` at its bottom; :data:`almtok_jax.model.COMPONENTS`
 lists them in the order of the model picture. A component says
 
-* how it is built: ``config(model_config)`` picks its config out of the
-  :class:`~almtok_jax.config.ALMTokenizer2Config`, ``module(config)`` builds the Flax module and
+* how it is built: ``config_path`` (``"experts.wavlm"``) is where its config sits in the
+  :class:`~almtok_jax.config.ALMTokenizer2Config` (read by :meth:`Component.config`, written by
+  :meth:`Component.derived`), ``module(config)`` builds the Flax module and
   ``example_inputs(config)`` gives the (shape-only) inputs of its ``init``;
 * where its weights come from: ``source`` names the reference state dict (:data:`MODEL_STATE`,
   :data:`CODEC_STATE`, or ``None`` for a part only training makes), ``key_prefix`` is prepended to every
@@ -16,8 +17,7 @@ lists them in the order of the model picture. A component says
   release: the release file that states it (``files``: parsed release files by name, see
   :mod:`almtok_jax.release`), then the names and shapes of the keys it owns (``key_shapes``: key relative
   to ``key_prefix``, weight norm spelled ``weight_g``/``weight_v`` -> shape); numbers neither reveals stay
-  as in ``base`` (the release architecture).
-  ``config_path`` is where the result goes in the model config (``"experts.wavlm"``);
+  as in ``base`` (the release architecture);
 * its variables: :meth:`Component.init` (the module's own initializers, the training init) and
   :meth:`Component.abstract_variables` (their shapes, what conversion and model directories are checked
   against); :meth:`Component.load` converts the routed keys of a reference state dict.
@@ -88,7 +88,7 @@ class Component:
 
     name: str
     frozen: bool
-    config: Callable[[Any], Any]
+    config_path: str
     module: Callable[[Any], nn.Module]
     example_inputs: Callable[[Any], tuple[jax.ShapeDtypeStruct, ...]]
     rules: Callable[[Any], list[Rule]]
@@ -98,7 +98,12 @@ class Component:
     check_state: Callable[[Mapping[str, np.ndarray], Any, str], None] | None = None
     enabled: Callable[[Any], bool] = always
     derive: Callable[[KeyShapes, Any, ReleaseFiles], Any] | None = None
-    config_path: str | None = None
+
+    def config(self, model_config: Any) -> Any:
+        """This component's config inside ``model_config`` (at :attr:`config_path`)."""
+        for part in self.config_path.split("."):
+            model_config = getattr(model_config, part)
+        return model_config
 
     def owns(self, key: str, names: tuple[str, ...] | None = None) -> bool:
         """Whether state-dict ``key`` of :attr:`source` belongs here (restricted to ``names`` if given)."""

@@ -186,14 +186,11 @@ def variable_problems(variables: Mapping, config: ALMTokenizer2Config,
 
 
 def pipeline_problems(config: ALMTokenizer2Config) -> list[str]:
-    """Every pipeline number that contradicts what the model is built for (rates of the SQ codec, the
-    experts and the quantizer; window arithmetic of spec 03 §6, B1 and B4; the DiT position table)."""
-    p, sq, e = config.pipeline, config.sqcodec, config.experts
+    """Every pipeline number that contradicts what the model is built for (frame rates of the SQ codec and
+    the quantizer; window arithmetic of spec 03 §6, B1 and B4; the DiT position table). That every part
+    reads the same sample rate is checked by :class:`~almtok_jax.config.ALMTokenizer2Config` itself."""
+    p, sq = config.pipeline, config.sqcodec
     problems = []
-    rates = {"sqcodec.sample_rate": sq.sample_rate, "experts.wavlm.input_sample_rate": e.wavlm.input_sample_rate,
-             "experts.musicfm.sample_rate": e.musicfm.sample_rate}
-    problems += [f"pipeline.sample_rate is {p.sample_rate} but {k} is {v}: the model runs on {v} Hz audio"
-                 for k, v in rates.items() if v != p.sample_rate]
     latent_rate = sq.sample_rate / sq.hop_length
     if not math.isclose(p.latent_rate, latent_rate):
         problems.append(f"pipeline.latent_rate is {p.latent_rate} but the SQ codec gives {latent_rate} frames/s "

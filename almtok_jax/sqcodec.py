@@ -506,6 +506,6 @@ def derive_sqcodec(key_shapes: KeyShapes, base: SQCodecConfig, files: ReleaseFil
 
 
 SQCODEC = Component(
-    "sqcodec", frozen=True, config=lambda c: c.sqcodec, module=SQCodec,
+    "sqcodec", frozen=True, config_path="sqcodec", module=SQCodec,
     example_inputs=lambda s: shapes((1, 2 * s.hop_length, s.num_bands)), rules=sqcodec_rules,
-    source=CODEC_STATE, check_state=check_codec_state, derive=derive_sqcodec, config_path="sqcodec")
+    source=CODEC_STATE, check_state=check_codec_state, derive=derive_sqcodec)

@@ -46,7 +46,6 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import grain
 import jax
@@ -54,13 +53,11 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from almtok_jax.audio import AudioError, load_audio, to_mono
+from almtok_jax.model import encode_segments
 from almtok_jax.pipeline import num_segments, num_tokens, segment_audio
+from almtok_jax.tokenizer import TOKEN_OFFSET, ALMTokenizer2, flatten
 from almtok_jax.train.data import ClipEntry, read_source
-
-# almtok_jax.model (and so the tokenizer) touches the devices on import, which must wait until
-# jax.distributed is initialised: those modules are imported inside the functions that use them.
-if TYPE_CHECKING:
-    from almtok_jax.tokenizer import ALMTokenizer2
+from almtok_jax.train.sharding import maybe_initialize_distributed
 
 RECORD_MAGIC = b"ALMTOK1\n"
 CODE_DTYPES = ("<i2", "<i4")
@@ -123,7 +120,6 @@ def codes_dataset(out: str | Path, tokens: bool = False, offset: int | None = No
     """Codes ``(Q, T)`` (``(C, Q, T)`` per channel) per file, or with ``tokens=True`` the flat LM tokens
     ``(T * Q,)`` of :func:`almtok_jax.tokenizer.flatten` (``(C, T * Q)`` per channel; ``offset`` defaults
     to ``TOKEN_OFFSET``)."""
-    from almtok_jax.tokenizer import TOKEN_OFFSET, flatten
 
     offset = TOKEN_OFFSET if offset is None else offset
     records = open_records(out)
@@ -257,7 +253,6 @@ def load_stream(tok: ALMTokenizer2, work: Sequence[tuple[int, ClipEntry]], chann
 def sharded_encode_codes(config, compat: str, mesh: Mesh):
     """Jitted ``(variables, segments (B, S))`` -> codes ``(B, T/2, Q)`` int32, ``B`` split over the mesh's
     ``data`` axis and the variables replicated (one compilation per batch shape)."""
-    from almtok_jax.model import encode_segments
 
     rows, replicated = NamedSharding(mesh, PartitionSpec("data")), NamedSharding(mesh, PartitionSpec())
     return jax.jit(lambda v, s: encode_segments(v, s, config, compat)["codes"],
@@ -390,7 +385,6 @@ def encode_shards(tok: ALMTokenizer2, entries: Sequence[ClipEntry], shards: Sequ
 def summarize(out: Path, shards: Sequence[Shard], tok: ALMTokenizer2, settings: dict) -> tuple[dict, list[dict]]:
     """The run's summary and index entries from every shard's ``.json``: counts, hours, frames, tokens,
     failures, codec settings."""
-    from almtok_jax.tokenizer import TOKEN_OFFSET
 
     metas = [json.loads((out / f"{s.name}.json").read_text()) for s in shards]
     index = [e for m in metas for e in m["index"]]
@@ -406,16 +400,6 @@ def summarize(out: Path, shards: Sequence[Shard], tok: ALMTokenizer2, settings: 
                   "vocab_size": tok.vocab_size},
         "bitrate": tok.bitrate,
     }, index
-
-
-def initialize_distributed() -> None:
-    """``jax.distributed.initialize`` from ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` /
-    ``JAX_PROCESS_ID`` when the coordinator is set (before anything touches the devices)."""
-    address = os.environ.get("JAX_COORDINATOR_ADDRESS")
-    if not address:
-        return
-    count, index = os.environ.get("JAX_NUM_PROCESSES"), os.environ.get("JAX_PROCESS_ID")
-    jax.distributed.initialize(address, int(count) if count else None, int(index) if index else None)
 
 
 def run_settings(args: argparse.Namespace, entries: Sequence[ClipEntry]) -> dict:
@@ -448,7 +432,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    initialize_distributed()
+    maybe_initialize_distributed()
     entries = read_source(args.data, tuple(args.extensions))
     settings = run_settings(args, entries)
     shards = plan_shards(len(entries), args.shard_size)
@@ -456,7 +440,6 @@ def main(argv: list[str] | None = None) -> int:
     mine = process_shards(shards, jax.process_index(), jax.process_count())
     todo = [s for s in mine if not shard_is_complete(args.out, s, settings)]
     batch = args.batch_segments or DEFAULT_SEGMENTS_PER_DEVICE * jax.local_device_count()
-    from almtok_jax.tokenizer import ALMTokenizer2
 
     tok = ALMTokenizer2.load(args.checkpoint, compat=args.compat)
     progress = Progress(sum(s.stop - s.start for s in mine), sum(s.stop - s.start for s in mine if s not in todo),

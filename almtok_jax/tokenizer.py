@@ -289,7 +289,6 @@ class ALMTokenizer2:
         sampler = self.sampler_config(steps, guidance, solver)
         n = len(codes)
         lengths = list(lengths) if lengths is not None else [None] * n
-        codes = [np.asarray(c) for c in codes]
         plans = [self._plan(c, length) for c, length in zip(codes, lengths, strict=True)]
         windows = [window_codes(c, p) for c, p in zip(codes, plans, strict=True)]
         x0 = self._initial_states(codes, plans, list(noise) if noise is not None else [None] * n, seed)

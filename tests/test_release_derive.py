@@ -61,13 +61,7 @@ def test_tiny_release_derives_exactly_the_tiny_preset():
     assert read_release(RELEASE).config == load_model_config(TINY)
 
 
-def test_derive_writes_where_the_component_reads_its_config():
-    config = ALMTokenizer2Config()
-    for c in (c for c in COMPONENTS if c.derive is not None):
-        node = config
-        for part in c.config_path.split("."):
-            node = getattr(node, part)
-        assert node is c.config(config), c.name
+def test_every_converted_component_derives_its_architecture():
     assert {c.name for c in COMPONENTS if c.source is not None and c.derive is None} == set()
 
 

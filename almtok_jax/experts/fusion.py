@@ -143,10 +143,10 @@ def derive_fusion(key_shapes: KeyShapes, base: FusionConfig, files: ReleaseFiles
 
 
 FUSION = Component(
-    "fusion", frozen=False, config=lambda c: c.fusion, module=ExpertFusion,
+    "fusion", frozen=False, config_path="fusion", module=ExpertFusion,
     example_inputs=lambda f: shapes((1, 2, f.whisper_dim), (1, 2, f.wavlm_dim), (1, 1, f.bestrq_dim),
                                     (1, 1, f.bestrq_dim)),
     rules=fusion_rules,
     key_names=("d_conv_whisper", "d_conv_wavlm", "cond_fusion_layer_phone", "cond_fusion_layer_semantic",
                "cond_fusion_layer_acoustic", "feature_proj"),
-    derive=derive_fusion, config_path="fusion")
+    derive=derive_fusion)

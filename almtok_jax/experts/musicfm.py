@@ -408,6 +408,6 @@ def derive_musicfm(key_shapes: KeyShapes, base: MusicFMConfig, files: ReleaseFil
 
 
 MUSICFM = Component(
-    "musicfm", frozen=True, config=lambda c: c.experts.musicfm, module=MusicFM,
+    "musicfm", frozen=True, config_path="experts.musicfm", module=MusicFM,
     example_inputs=lambda m: shapes((1, min_input_length(m))), rules=musicfm_rules,
-    key_prefix="pretrained_model.model.model.", derive=derive_musicfm, config_path="experts.musicfm")
+    key_prefix="pretrained_model.model.model.", derive=derive_musicfm)

@@ -352,6 +352,6 @@ def derive_wavlm(key_shapes: KeyShapes, base: WavLMConfig, files: ReleaseFiles) 
 
 
 WAVLM = Component(
-    "wavlm", frozen=True, config=lambda c: c.experts.wavlm, module=WavLMExpert,
+    "wavlm", frozen=True, config_path="experts.wavlm", module=WavLMExpert,
     example_inputs=lambda w: shapes((1, min_input_samples(w))), rules=wavlm_expert_rules,
-    key_names=("wavlm_encoder", "wavlm_transfer"), derive=derive_wavlm, config_path="experts.wavlm")
+    key_names=("wavlm_encoder", "wavlm_transfer"), derive=derive_wavlm)

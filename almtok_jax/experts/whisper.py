@@ -188,6 +188,6 @@ def derive_whisper(key_shapes: KeyShapes, base: WhisperConfig, files: ReleaseFil
 
 
 WHISPER = Component(
-    "whisper", frozen=True, config=lambda c: c.experts.whisper, module=WhisperEncoder,
+    "whisper", frozen=True, config_path="experts.whisper", module=WhisperEncoder,
     example_inputs=lambda w: shapes((1, w.num_mel_frames, w.num_mel_bins)), rules=whisper_rules,
-    key_prefix="whisper_encoder.", derive=derive_whisper, config_path="experts.whisper")
+    key_prefix="whisper_encoder.", derive=derive_whisper)

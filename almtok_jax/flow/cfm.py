@@ -431,5 +431,5 @@ def derive_dit(key_shapes: KeyShapes, base: DiTConfig, files: ReleaseFiles) -> D
 
 
 FLOW = Component(
-    "flow", frozen=False, config=lambda c: c.dit, module=ConditionalFlow, example_inputs=example_inputs,
-    rules=cfm_rules, key_names=("cfm_wrapper", "zero_cond_embedding1"), derive=derive_dit, config_path="dit")
+    "flow", frozen=False, config_path="dit", module=ConditionalFlow, example_inputs=example_inputs,
+    rules=cfm_rules, key_names=("cfm_wrapper", "zero_cond_embedding1"), derive=derive_dit)

@@ -103,6 +103,6 @@ def gpt_loss(predictor: CodePredictor, params: dict, z: Array, codes: Array) -> 
 
 # Only training makes it (no reference weights), and only with ``quantizer.gpt_loss.enabled``.
 GPT = Component(
-    "gpt", frozen=False, config=lambda c: c.quantizer, module=code_predictor,
+    "gpt", frozen=False, config_path="quantizer", module=code_predictor,
     example_inputs=lambda q: shapes((1, 2, q.dim)), rules=lambda q: [], source=None,
     enabled=lambda c: c.quantizer.gpt_loss.enabled)

@@ -301,7 +301,6 @@ def derive_quantizer(key_shapes: KeyShapes, base: QuantizerConfig, files: Releas
 # Fresh params (PyTorch-like init) and codebook; ``.load(..., names=DECODER_PARTS)`` loads only what
 # :func:`dequantize` needs. The interleaving needs a whole number of query intervals in the dummy input.
 QUANTIZER = Component(
-    "quantizer", frozen=False, config=lambda c: c.quantizer, module=QueryQuantizer,
+    "quantizer", frozen=False, config_path="quantizer", module=QueryQuantizer,
     example_inputs=lambda q: shapes((1, 2 * q.interval, q.dim)), rules=quantizer_rules,
-    key_names=QUANTIZER_PARTS, check_state=check_quantizer_state, derive=derive_quantizer,
-    config_path="quantizer")
+    key_names=QUANTIZER_PARTS, check_state=check_quantizer_state, derive=derive_quantizer)

@@ -2,8 +2,8 @@
 
 Training checkpoints (:class:`Checkpointer`): ``WORKDIR/checkpoints/<step>/`` holds the whole
 :class:`~almtok_jax.train.state.TrainState` (trainable params, optimizer state, extra state, step, RNG,
-skip count) and, when given, each host's data-iterator state (grain, ``process_<i>-of-<n>.json``;
-``train.py`` gives none: its data position is the step, which lets any process count resume). Saves are async;
+skip count); the data stream needs no state of its own (its position is the step, which lets any process
+count resume). Saves are async;
 restores take target shardings, so a checkpoint written on one mesh restores onto another.
 
 Model directories (:func:`save_model_dir` / :func:`load_model_dir`), shared with the weight converter::
@@ -24,7 +24,6 @@ import os
 import sys
 from typing import Any
 
-import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -61,50 +60,38 @@ def location(path: str | os.PathLike) -> epath.Path:
     return path if "://" in str(path) else path.resolve()
 
 
-class _IteratorSnapshot:
-    """The data iterator's state taken at save time (the async save must not read a moving iterator)."""
-
-    def __init__(self, state: bytes):
-        self.state = state
-
-    def get_state(self) -> bytes:
-        return self.state
-
-
 class Checkpointer:
-    """``CheckpointManager`` over ``directory`` with items ``state`` (pytree) and ``data`` (iterator)."""
+    """``CheckpointManager`` over ``directory`` of the train state (the data position is the step, so the
+    data stream needs no state of its own)."""
 
     def __init__(self, directory: str | os.PathLike, config: CheckpointConfig):
         options = ocp.CheckpointManagerOptions(max_to_keep=config.keep, create=True,
                                                enable_async_checkpointing=config.async_save)
         self.manager = ocp.CheckpointManager(location(directory), options=options,
-                                             item_names=("state", "data"))
+                                             item_names=("state",))
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state: Any, data_iterator: Any | None) -> None:
-        items = {"state": ocp.args.StandardSave(state)}
-        if data_iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointSave(_IteratorSnapshot(data_iterator.get_state()))
-        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+    def save(self, step: int, state: Any) -> None:
+        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=True)
 
-    def restore(self, abstract_state: Any, data_iterator: Any | None, step: int | None = None) -> Any:
+    def restore(self, abstract_state: Any, step: int | None = None) -> Any:
         """Restore ``step`` onto the shardings of ``abstract_state`` (``ShapeDtypeStruct``s with
-        ``.sharding``); the data iterator is restored in place.
+        ``.sharding``).
 
         Without ``step``: the newest checkpoint that reads back. An unreadable newer one (a file deleted or
         cut short) is moved aside to ``<checkpoints>.unreadable/<step>`` with a warning, so training goes on
         from the newest complete checkpoint and later saves do not meet it again.
         """
         if step is not None:
-            return self._restore_step(step, abstract_state, data_iterator)
+            return self._restore_step(step, abstract_state)
         steps = sorted(self.manager.all_steps(), reverse=True)
         if not steps:
             raise FileNotFoundError(f"no checkpoint in {self.manager.directory}")
         for i, candidate in enumerate(steps):
             try:
-                return self._restore_step(candidate, abstract_state, data_iterator)
+                return self._restore_step(candidate, abstract_state)
             except Exception as e:  # noqa: BLE001 - any read failure means this checkpoint is unusable
                 _quiet_closed_loop_reports()
                 aside = epath.Path(str(self.manager.directory) + ".unreadable")
@@ -120,11 +107,9 @@ class Checkpointer:
         raise FileNotFoundError(f"no readable checkpoint in {self.manager.directory} (unreadable ones moved "
                                 f"to {aside})")
 
-    def _restore_step(self, step: int, abstract_state: Any, data_iterator: Any | None) -> Any:
-        items = {"state": ocp.args.StandardRestore(abstract_state)}
-        if data_iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-        return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
+    def _restore_step(self, step: int, abstract_state: Any) -> Any:
+        return self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))[
+            "state"]
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     if resume:
         target = ckpt_lib.abstract_with_shardings(abstract_state, state_sh)
         with reported_as_user_error():  # no checkpoint reads back
-            state = checkpointer.restore(target, None)
+            state = checkpointer.restore(target)
         log.info("resumed from step %d", int(state.step))
     start = int(state.step)
     if start >= total_steps:
@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
             jax.block_until_ready(metrics)
             logger.start(step)  # throughput figures leave out the first step (compilation)
         if step % config.checkpoint.every == 0 or step == total_steps:
-            checkpointer.save(step, state, None)
+            checkpointer.save(step, state)
         hooks(step, state, frozen, batch)
     checkpointer.close()
     if args.export:
