@@ -74,23 +74,35 @@ def _kernel_param(module: nn.Module, shape: tuple[int, ...], keep_axis: int, use
     return weight_norm(v, g, keep_axis)
 
 
-class Conv1d(nn.Module):
+def _with_bias(module: nn.Module, y: Array) -> Array:
+    """``y`` plus the module's ``bias`` parameter ``(features,)`` when it has ``use_bias``."""
+    if not module.use_bias:
+        return y
+    return y + module.param("bias", nn.initializers.zeros, (module.features,)).astype(y.dtype)
+
+
+class _Conv(nn.Module):
+    """Fields shared by :class:`Conv1d` and :class:`ConvTranspose1d`."""
+
+    features: int
+    kernel_size: int
+    stride: int = 1
+    dilation: int = 1
+    use_bias: bool = True
+    use_weight_norm: bool = False
+    kernel_init: Callable = default_kernel_init
+
+
+class Conv1d(_Conv):
     """``torch.nn.Conv1d`` on channels-last input ``(B, L, C_in) -> (B, L_out, features)``.
 
     Kernel ``(k, C_in/groups, features)``; with ``weight_norm`` the norm is per output channel (torch
     ``dim=0``), or per kernel tap when ``weight_norm_axis=0`` (WavLM's positional conv, torch ``dim=2``).
     """
 
-    features: int
-    kernel_size: int
-    stride: int = 1
-    dilation: int = 1
     groups: int = 1
     padding: Padding = 0
-    use_bias: bool = True
-    use_weight_norm: bool = False
     weight_norm_axis: int = -1
-    kernel_init: Callable = default_kernel_init
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -104,12 +116,10 @@ class Conv1d(nn.Module):
             x, kernel.astype(x.dtype), window_strides=(self.stride,), padding=[(left, right)],
             rhs_dilation=(self.dilation,), dimension_numbers=("NWC", "WIO", "NWC"),
             feature_group_count=self.groups)
-        if self.use_bias:
-            y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(y.dtype)
-        return y
+        return _with_bias(self, y)
 
 
-class ConvTranspose1d(nn.Module):
+class ConvTranspose1d(_Conv):
     """``torch.nn.ConvTranspose1d`` on channels-last input ``(B, L, C_in) -> (B, L_out, features)``.
 
     ``L_out = (L - 1)*stride - 2*padding + dilation*(k - 1) + output_padding + 1``, then ``trim_right``
@@ -117,16 +127,9 @@ class ConvTranspose1d(nn.Module):
     = torch's ``(in, out, k)`` transposed, not flipped; weight norm is per *input* channel (torch ``dim=0``).
     """
 
-    features: int
-    kernel_size: int
-    stride: int = 1
-    dilation: int = 1
     padding: int = 0
     output_padding: int = 0
     trim_right: int = 0
-    use_bias: bool = True
-    use_weight_norm: bool = False
-    kernel_init: Callable = default_kernel_init
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -134,13 +137,11 @@ class ConvTranspose1d(nn.Module):
         kernel = _kernel_param(self, shape, 1, self.use_weight_norm, self.kernel_init)
         span = self.dilation * (self.kernel_size - 1)
         # A transposed conv is a conv over the stride-dilated input with the flipped kernel.
-        y = jax.lax.conv_general_dilated(
+        y = _with_bias(self, jax.lax.conv_general_dilated(
             x, jnp.flip(kernel, 0).astype(x.dtype), window_strides=(1,),
             padding=[(span - self.padding, span - self.padding + self.output_padding)],
             lhs_dilation=(self.stride,), rhs_dilation=(self.dilation,),
-            dimension_numbers=("NWC", "WIO", "NWC"))
-        if self.use_bias:
-            y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(y.dtype)
+            dimension_numbers=("NWC", "WIO", "NWC")))
         if self.trim_right:
             y = y[:, : y.shape[1] - self.trim_right]
         return y
@@ -157,10 +158,7 @@ class Linear(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         kernel = _kernel_param(self, (x.shape[-1], self.features), 1, self.use_weight_norm, self.kernel_init)
-        y = jnp.einsum("...i,io->...o", x, kernel.astype(x.dtype))
-        if self.use_bias:
-            y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(y.dtype)
-        return y
+        return _with_bias(self, jnp.einsum("...i,io->...o", x, kernel.astype(x.dtype)))
 
 
 class PReLU(nn.Module):
@@ -205,6 +203,16 @@ class LayerNorm(nn.Module):
         scale = self.param("scale", nn.initializers.ones, (d,)) if self.use_scale else None
         bias = self.param("bias", nn.initializers.zeros, (d,)) if self.use_bias else None
         return layer_norm(x, self.eps, scale, bias)
+
+
+def split_heads(x: Array, num_heads: int) -> Array:
+    """``(..., T, H*D) -> (..., T, H, D)``."""
+    return x.reshape(*x.shape[:-1], num_heads, x.shape[-1] // num_heads)
+
+
+def merge_heads(x: Array) -> Array:
+    """``(..., T, H, D) -> (..., T, H*D)``: the inverse of :func:`split_heads`."""
+    return x.reshape(*x.shape[:-2], x.shape[-2] * x.shape[-1])
 
 
 def dot_product_attention(q: Array, k: Array, v: Array, bias: Array | None = None,

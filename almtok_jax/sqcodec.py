@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
 
@@ -190,44 +190,44 @@ class PReLUResidualUnit(nn.Module):
         return x + PReLU(name="activation2")(h)
 
 
-class ResEncoderBlock(nn.Module):
+class _ResampleBlock(nn.Module):
+    """Fields of a codec stage that changes the frame rate by ``stride`` (``kernel_size`` taps) beside five
+    residual units (dilations :data:`RES_DILATIONS`, ``res_kernel_size`` taps)."""
+
+    features: int
+    stride: int
+    kernel_size: int
+    res_kernel_size: int
+    causal: bool
+
+    def residual_units(self, x: Array) -> Array:
+        for j, d in enumerate(RES_DILATIONS):
+            x = PReLUResidualUnit(self.res_kernel_size, d, self.causal, name=f"convs_{j}")(x)
+        return x
+
+
+class ResEncoderBlock(_ResampleBlock):
     """Five residual units, then the strided down-sampling conv and the codec-wide shared PReLU.
 
     ``(B, L, C) -> (B, L', features)``.
     """
 
-    features: int
-    stride: int
-    kernel_size: int
-    res_kernel_size: int
-    causal: bool
-
     @nn.compact
     def __call__(self, x: Array, down_slope: Array) -> Array:
-        for j, d in enumerate(RES_DILATIONS):
-            x = PReLUResidualUnit(self.res_kernel_size, d, self.causal, name=f"convs_{j}")(x)
         x = Conv1d(self.features, self.kernel_size, stride=self.stride, padding=_padding(self.causal),
-                   use_weight_norm=True, name="down_conv")(x)
+                   use_weight_norm=True, name="down_conv")(self.residual_units(x))
         return prelu(x, down_slope)
 
 
-class ResDecoderBlock(nn.Module):
+class ResDecoderBlock(_ResampleBlock):
     """Transposed-conv up-sampling (no activation), then five residual units. ``(B, L, C) -> (B, L', f)``."""
-
-    features: int
-    stride: int
-    kernel_size: int
-    res_kernel_size: int
-    causal: bool
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         s, k = self.stride, self.kernel_size
         x = ConvTranspose1d(self.features, k, stride=s, padding=0 if self.causal else (k - s) // 2,
                             trim_right=s if self.causal else 0, use_weight_norm=True, name="up_conv")(x)
-        for j, d in enumerate(RES_DILATIONS):
-            x = PReLUResidualUnit(self.res_kernel_size, d, self.causal, name=f"convs_{j}")(x)
-        return x
+        return self.residual_units(x)
 
 
 class PreProcessor(nn.Module):
@@ -260,69 +260,64 @@ class PostProcessor(nn.Module):
         return PReLU(name="activation")(x)
 
 
+def _run_sown(module: nn.Module, x: Array, apply: Callable[[nn.Module, Array], Array]) -> Array:
+    """Run ``module.layers`` in order; the output of ``layers_{i}`` is sown as ``intermediates/out_{i}``."""
+    for i, layer in enumerate(module.layers):
+        x = apply(layer, x)
+        module.sow("intermediates", f"out_{i}", x)
+    return x
+
+
 class SQEncoder(nn.Module):
     """Waveform ``(B, N, num_bands)`` -> tanh latent ``(B, F, latent_hidden_dim)`` (not quantized).
 
-    Submodule ``layers_{i}`` is upstream ``encoder.{i}``; its output is sown as ``intermediates/out_{i}``.
+    Submodule ``layers_{i}`` is upstream ``encoder.{i}``: input conv, pre-processor (if ``num_samples > 1``),
+    one :class:`ResEncoderBlock` per down-sampling factor, output conv.
     """
 
     config: SQCodecConfig
 
-    @nn.compact
-    def __call__(self, wav: Array) -> Array:
+    def setup(self) -> None:
         c = self.config
         pad = _padding(c.causal)
-        x = Conv1d(c.init_channel, c.default_kernel_size, padding=pad, use_weight_norm=True,
-                   name="layers_0")(wav)
-        self.sow("intermediates", "out_0", x)
-        i = 1
-        if c.num_samples > 1:
-            x = PreProcessor(c.num_samples, c.default_kernel_size, c.causal, name="layers_1")(x)
-            self.sow("intermediates", "out_1", x)
-            i = 2
+        self.layers = [
+            Conv1d(c.init_channel, c.default_kernel_size, padding=pad, use_weight_norm=True),
+            *([PreProcessor(c.num_samples, c.default_kernel_size, c.causal)] if c.num_samples > 1 else []),
+            *(ResEncoderBlock(c.init_channel * 2 ** (stage + 1), s, k, c.res_kernel_size, c.causal)
+              for stage, (s, k) in enumerate(zip(c.downsample_factors, c.downsample_kernel_sizes, strict=True))),
+            Conv1d(c.latent_hidden_dim, c.default_kernel_size, padding=pad, use_weight_norm=True)]
         # Upstream's DownsampleLayer default argument: one PReLU object shared by every stage.
-        down_slope = self.param("down_activation", nn.initializers.constant(0.25), (1,))
-        for stage, (s, k) in enumerate(zip(c.downsample_factors, c.downsample_kernel_sizes, strict=True)):
-            x = ResEncoderBlock(c.init_channel * 2 ** (stage + 1), s, k, c.res_kernel_size, c.causal,
-                                name=f"layers_{i}")(x, down_slope)
-            self.sow("intermediates", f"out_{i}", x)
-            i += 1
-        x = Conv1d(c.latent_hidden_dim, c.default_kernel_size, padding=pad, use_weight_norm=True,
-                   name=f"layers_{i}")(x)
-        self.sow("intermediates", f"out_{i}", x)
-        return jnp.tanh(x)
+        self.down_activation = self.param("down_activation", nn.initializers.constant(0.25), (1,))
+
+    def __call__(self, wav: Array) -> Array:
+        def apply(layer: nn.Module, x: Array) -> Array:
+            return layer(x, self.down_activation) if isinstance(layer, ResEncoderBlock) else layer(x)
+
+        return jnp.tanh(_run_sown(self, wav, apply))
 
 
 class SQDecoder(nn.Module):
     """Latent ``(B, F, latent_hidden_dim)`` -> waveform ``(B, N', num_bands)``; quantizes its input first.
 
-    Submodule ``layers_{i}`` is upstream ``decoder.{i}``; its output is sown as ``intermediates/out_{i}``.
+    Submodule ``layers_{i}`` is upstream ``decoder.{i}``: input conv (non-causal in every configuration:
+    ``delay_kernel_size // 2`` frames of look-ahead), one :class:`ResDecoderBlock` per up-sampling factor,
+    post-processor (if ``num_samples > 1``), output conv.
     """
 
     config: SQCodecConfig
 
-    @nn.compact
-    def __call__(self, latents: Array) -> Array:
+    def setup(self) -> None:
         c = self.config
         n = c.num_stages
-        # decoder.0 is non-causal in every configuration: delay_kernel_size // 2 frames of look-ahead.
-        x = Conv1d(c.init_channel * 2 ** n, c.delay_kernel_size, padding="same_torch", use_weight_norm=True,
-                   name="layers_0")(round_latents(latents))
-        self.sow("intermediates", "out_0", x)
-        for stage, (s, k) in enumerate(zip(c.upsample_factors, c.upsample_kernel_sizes, strict=True)):
-            i = stage + 1
-            x = ResDecoderBlock(c.init_channel * 2 ** (n - i), s, k, c.res_kernel_size, c.causal,
-                                name=f"layers_{i}")(x)
-            self.sow("intermediates", f"out_{i}", x)
-        i = n + 1
-        if c.num_samples > 1:
-            x = PostProcessor(c.num_samples, c.default_kernel_size, c.causal, name=f"layers_{i}")(x)
-            self.sow("intermediates", f"out_{i}", x)
-            i += 1
-        x = Conv1d(c.num_bands, c.default_kernel_size, padding=_padding(c.causal), use_weight_norm=True,
-                   name=f"layers_{i}")(x)
-        self.sow("intermediates", f"out_{i}", x)
-        return x
+        self.layers = [
+            Conv1d(c.init_channel * 2 ** n, c.delay_kernel_size, padding="same_torch", use_weight_norm=True),
+            *(ResDecoderBlock(c.init_channel * 2 ** (n - stage - 1), s, k, c.res_kernel_size, c.causal)
+              for stage, (s, k) in enumerate(zip(c.upsample_factors, c.upsample_kernel_sizes, strict=True))),
+            *([PostProcessor(c.num_samples, c.default_kernel_size, c.causal)] if c.num_samples > 1 else []),
+            Conv1d(c.num_bands, c.default_kernel_size, padding=_padding(c.causal), use_weight_norm=True)]
+
+    def __call__(self, latents: Array) -> Array:
+        return _run_sown(self, round_latents(latents), lambda layer, x: layer(x))
 
 
 class SQCodec(nn.Module):

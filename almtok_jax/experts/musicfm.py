@@ -29,8 +29,10 @@ from almtok_jax.layers import (
     Linear,
     apply_rotary,
     dot_product_attention,
+    merge_heads,
     rotary_inv_freq,
     rotary_tables,
+    split_heads,
 )
 from almtok_jax.mapping import Rule, conv1d, conv2d, identity, linear, pointwise_conv
 
@@ -208,16 +210,13 @@ class RotarySelfAttention(nn.Module):
     @nn.compact
     def __call__(self, h: Array, cos: Array, sin: Array) -> Array:
         c = self.config
-        b, t, d = h.shape
-        heads = h.reshape(b, t, c.num_heads, c.head_dim)
-        h_rot = apply_rotary(heads, cos, sin).reshape(b, t, d)
+        h_rot = merge_heads(apply_rotary(split_heads(h, c.num_heads), cos, sin))
 
-        def project(name, x):
-            return Linear(d, name=name)(x).reshape(b, t, c.num_heads, c.head_dim)
+        def project(name: str, x: Array) -> Array:
+            return split_heads(Linear(c.encoder_dim, name=name)(x), c.num_heads)
 
         q, k, v = project("linear_q", h_rot), project("linear_k", h_rot), project("linear_v", h)
-        out = dot_product_attention(q, k, v).reshape(b, t, d)
-        return Linear(d, name="linear_out")(out)
+        return Linear(c.encoder_dim, name="linear_out")(merge_heads(dot_product_attention(q, k, v)))
 
 
 class ConvModule(nn.Module):

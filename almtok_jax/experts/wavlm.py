@@ -146,20 +146,19 @@ class WavLMLayer(nn.Module):
     def __call__(self, x: Array, position_bias: Array) -> tuple[Array, Array]:
         cfg = self.config
         b, t, d = x.shape
-        h, hd = cfg.num_attention_heads, cfg.head_dim
-        heads = x.reshape(b, t, h, hd)
-        r = layers.Linear(cfg.gru_rel_pos_features, name="gru_rel_pos_linear")(heads)
+        h = cfg.num_attention_heads
+        r = layers.Linear(cfg.gru_rel_pos_features, name="gru_rel_pos_linear")(layers.split_heads(x, h))
         r = jax.nn.sigmoid(r.reshape(b, t, h, 2, cfg.gru_rel_pos_features // 2).sum(-1))
         const = self.param("gru_rel_pos_const", nn.initializers.ones, (h,))
         gate = r[..., 0] * (r[..., 1] * const - 1.0) + 2.0  # (B, T, H)
         gated_bias = jnp.transpose(gate, (0, 2, 1))[..., None] * position_bias
 
         def project(name: str) -> Array:
-            return layers.Linear(d, name=name)(x).reshape(b, t, h, hd)
+            return layers.split_heads(layers.Linear(d, name=name)(x), h)
 
         q, k, v = project("q_proj"), project("k_proj"), project("v_proj")
-        attn = layers.dot_product_attention(q, k, v, gated_bias)
-        attn = layers.Linear(d, name="out_proj")(attn.reshape(b, t, d))
+        attn = layers.merge_heads(layers.dot_product_attention(q, k, v, gated_bias))
+        attn = layers.Linear(d, name="out_proj")(attn)
         x = layers.LayerNorm(cfg.layer_norm_eps, name="layer_norm")(x + attn)
         ff = layers.gelu_exact(layers.Linear(cfg.intermediate_size, name="intermediate_dense")(x))
         ff = layers.Linear(d, name="output_dense")(ff)

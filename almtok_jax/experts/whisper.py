@@ -19,7 +19,7 @@ import numpy as np
 from almtok_jax import mapping
 from almtok_jax.audio import LogMelConfig
 from almtok_jax.component import WHISPER_CONFIG, Component, KeyShapes, ReleaseFiles, layer_indices, shape_of, shapes
-from almtok_jax.layers import Conv1d, LayerNorm, Linear, dot_product_attention, gelu_exact
+from almtok_jax.layers import Conv1d, LayerNorm, Linear, dot_product_attention, gelu_exact, merge_heads, split_heads
 from almtok_jax.mapping import Rule
 
 Array = jax.Array
@@ -64,13 +64,11 @@ class WhisperAttention(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         c = self.config
-        b, t, _ = x.shape
-        heads = (b, t, c.encoder_attention_heads, c.head_dim)
         q = Linear(c.d_model, name="q_proj")(x) * (c.head_dim ** -0.5)
         k = Linear(c.d_model, use_bias=False, name="k_proj")(x)
         v = Linear(c.d_model, name="v_proj")(x)
-        o = dot_product_attention(q.reshape(heads), k.reshape(heads), v.reshape(heads), scale=1.0)
-        return Linear(c.d_model, name="out_proj")(o.reshape(b, t, c.d_model))
+        o = dot_product_attention(*(split_heads(a, c.encoder_attention_heads) for a in (q, k, v)), scale=1.0)
+        return Linear(c.d_model, name="out_proj")(merge_heads(o))
 
 
 class WhisperEncoderLayer(nn.Module):

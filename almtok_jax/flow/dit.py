@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from almtok_jax.layers import Conv1d, Linear, default_kernel_init, dot_product_attention, layer_norm
+from almtok_jax.layers import Conv1d, Linear, default_kernel_init, dot_product_attention, layer_norm, merge_heads
 from almtok_jax.mapping import Rule, conv1d, linear
 
 Array = jax.Array
@@ -158,7 +158,7 @@ class SelfAttention(nn.Module):
             out = dot_product_attention(q, k, v)
         else:
             out = jax.nn.dot_product_attention(q, k, v, implementation=None if self.kernel == "auto" else self.kernel)
-        return Linear(d, name="to_out")(out.reshape(b, t, d))
+        return Linear(d, name="to_out")(merge_heads(out))
 
 
 class FeedForward(nn.Module):

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from almtok_jax.component import Component, shapes
-from almtok_jax.layers import LayerNorm, Linear, dot_product_attention, gelu_exact
+from almtok_jax.layers import LayerNorm, Linear, dot_product_attention, gelu_exact, merge_heads, split_heads
 
 Array = jax.Array
 
@@ -50,12 +50,11 @@ class _CausalBlock(nn.Module):
 
     @nn.compact
     def __call__(self, h: Array) -> tuple[Array, None]:
-        b, n, _ = h.shape
+        n = h.shape[1]
         x = LayerNorm(name="ln1")(h)
-        q, k, v = (Linear(self.width, name=nm)(x).reshape(b, n, self.heads, -1)
-                   for nm in ("query", "key", "value"))
+        q, k, v = (split_heads(Linear(self.width, name=nm)(x), self.heads) for nm in ("query", "key", "value"))
         causal = jnp.tril(jnp.ones((n, n), bool))[None, None]
-        h = h + Linear(self.width, name="proj")(dot_product_attention(q, k, v, mask=causal).reshape(b, n, -1))
+        h = h + Linear(self.width, name="proj")(merge_heads(dot_product_attention(q, k, v, mask=causal)))
         x = LayerNorm(name="ln2")(h)
         return h + Linear(self.width, name="mlp_out")(gelu_exact(Linear(4 * self.width, name="mlp_in")(x))), None
 

@@ -18,8 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from almtok_jax import mapping
-from almtok_jax.layers import Linear, apply_rotary, dot_product_attention, layer_norm, rotary_inv_freq, rotary_tables
+from almtok_jax import layers, mapping
 from almtok_jax.mapping import Rule
 
 Array = jax.Array
@@ -59,7 +58,7 @@ class BlockConfig:
 
 def rope_inv_freq(config: BlockConfig) -> np.ndarray:
     """The ``rope.inv_freq`` buffer ``(rotary_dim/2,)``: ``1 / base^(2k/rotary_dim)`` in float32."""
-    return rotary_inv_freq(config.rotary_dim, config.rope_base)
+    return layers.rotary_inv_freq(config.rotary_dim, config.rope_base)
 
 
 def check_rope_buffers(state_dict: dict, config: BlockConfig) -> None:
@@ -85,17 +84,17 @@ class QKNormRotaryAttention(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         c = self.config
-        b, length, _ = x.shape
-        qkv = Linear(3 * c.dim, use_bias=False, use_weight_norm=True, name="to_qkv")(x)
-        q, k, v = (t.reshape(b, length, c.heads, c.dim_heads) for t in jnp.split(qkv, 3, axis=-1))
-        q = layer_norm(q, c.qk_norm_eps, self.param("q_norm_scale", nn.initializers.ones, (c.dim_heads,)),
+        length = x.shape[1]
+        qkv = layers.Linear(3 * c.dim, use_bias=False, use_weight_norm=True, name="to_qkv")(x)
+        q, k, v = (layers.split_heads(a, c.heads) for a in jnp.split(qkv, 3, axis=-1))
+        q = layers.layer_norm(q, c.qk_norm_eps, self.param("q_norm_scale", nn.initializers.ones, (c.dim_heads,)),
                        self.param("q_norm_bias", nn.initializers.zeros, (c.dim_heads,)))
-        k = layer_norm(k, c.qk_norm_eps, self.param("k_norm_scale", nn.initializers.ones, (c.dim_heads,)),
+        k = layers.layer_norm(k, c.qk_norm_eps, self.param("k_norm_scale", nn.initializers.ones, (c.dim_heads,)),
                        self.param("k_norm_bias", nn.initializers.zeros, (c.dim_heads,)))
-        cos, sin = rotary_tables(rope_inv_freq(c), length)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        o = dot_product_attention(q, k, v).reshape(b, length, c.dim)
-        return Linear(c.dim, use_bias=False, use_weight_norm=True, name="to_out")(o)
+        cos, sin = layers.rotary_tables(rope_inv_freq(c), length)
+        q, k = layers.apply_rotary(q, cos, sin), layers.apply_rotary(k, cos, sin)
+        o = layers.merge_heads(layers.dot_product_attention(q, k, v))
+        return layers.Linear(c.dim, use_bias=False, use_weight_norm=True, name="to_out")(o)
 
 
 class GatedFeedForward(nn.Module):
@@ -106,9 +105,9 @@ class GatedFeedForward(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         inner = self.config.ff_inner
-        h = Linear(2 * inner, use_weight_norm=True, name="proj")(x)
+        h = layers.Linear(2 * inner, use_weight_norm=True, name="proj")(x)
         u = h[..., :inner] * jax.nn.sigmoid(h[..., inner:])
-        return Linear(self.config.dim, use_weight_norm=True, name="out")(u)
+        return layers.Linear(self.config.dim, use_weight_norm=True, name="out")(u)
 
 
 class TransformerBlock(nn.Module):
