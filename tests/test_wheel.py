@@ -2,10 +2,12 @@
 with the installed package from a folder outside the source tree.
 
 The wheel is built without build isolation (no download: setuptools>=77 comes with the ``dev`` extra) from a
-copy of the sources, installed with ``--no-deps`` into a target folder that is put first on ``PYTHONPATH``
-(the dependencies come from the test's own environment). Every command runs with its working directory in
-a temporary folder, and the test asserts that ``almtok_jax`` was imported from the installed copy.
-The commands run as the wheel's console entry points (``almtok-convert``, ``almtok-infer``, ...).
+copy of the sources and installed with ``--no-deps`` into a fresh virtual environment. Offline, the fresh
+environment gets its dependencies through a ``.pth`` line naming the test environment's site-packages (a
+plain path: the ``.pth`` files there, among them the editable install of the sources, are not run). Every
+command runs with its working directory in a temporary folder, and the test asserts that ``almtok_jax`` was
+imported from the fresh environment. The commands run as the wheel's console entry points
+(``almtok-convert``, ``almtok-infer``, ...).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +36,7 @@ def _run(args: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory) -> tuple[Path, dict]:
-    """``(site folder holding the installed wheel, environment that imports from it)``."""
+    """``(fresh virtual environment holding the installed wheel, process environment for it)``."""
     root = tmp_path_factory.mktemp("wheel")
     src = root / "src"
     src.mkdir()
@@ -48,26 +51,32 @@ def installed(tmp_path_factory) -> tuple[Path, dict]:
     _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
           "-w", str(root / "dist"), str(src)], root, env)
     (wheel,) = (root / "dist").glob("almtok_jax-*.whl")
-    site = root / "site"
-    _run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q", "--target", str(site),
+    venv = root / "venv"
+    _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], root, env)
+    python = str(venv / "bin" / "python")
+    purelib = _run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], root, env)
+    dependencies = {sysconfig.get_path("purelib"), sysconfig.get_path("platlib")}
+    (Path(purelib.stdout.strip()) / "test_dependencies.pth").write_text("\n".join(sorted(dependencies)) + "\n")
+    _run([sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "--no-index", "-q",
           str(wheel)], root, env)
     shutil.rmtree(src)  # nothing can be imported from the copy of the sources any more
-    return site, {**env, "PYTHONPATH": str(site)}
+    env = {k: v for k, v in env.items() if k != "VIRTUAL_ENV"}
+    return venv, {**env, "PATH": f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"}
 
 
 def test_installed_package_converts_and_infers_the_tiny_release(installed, tmp_path):
-    site, env = installed
+    venv, env = installed
     run = tmp_path / "run"
     run.mkdir()
-    where = _run([sys.executable, "-c", "import almtok_jax.config as c; print(c.__file__); "
+    where = _run([str(venv / "bin" / "python"), "-c", "import almtok_jax.config as c; print(c.__file__); "
                   "print(c.preset_path('tiny_release'))"], run, env).stdout.split()
-    assert all(Path(p).resolve().is_relative_to(site.resolve()) for p in where), where
+    assert all(Path(p).resolve().is_relative_to(venv.resolve()) for p in where), where
 
-    _run([str(site / "bin" / "almtok-convert"), "--release", str(FIXTURES / "release_tiny"),
+    _run([str(venv / "bin" / "almtok-convert"), "--release", str(FIXTURES / "release_tiny"),
           "--config", "tiny_release", "--out", "model"], run, env)
     assert (run / "model" / "config.yaml").is_file()
     clip = sorted((AUDIO / "speech").glob("*.wav"))[0]
-    _run([str(site / "bin" / "almtok-infer"), "--checkpoint", "model", str(clip), "-o", "out", "--steps", "2"],
+    _run([str(venv / "bin" / "almtok-infer"), "--checkpoint", "model", str(clip), "-o", "out", "--steps", "2"],
          run, env)
     codes = np.load(next((run / "out").rglob("*.codes.npy")))
     assert codes.ndim == 2 and codes.shape[0] == 8
@@ -77,6 +86,6 @@ def test_installed_package_converts_and_infers_the_tiny_release(installed, tmp_p
 
 @pytest.mark.parametrize("command", ENTRY_POINTS)
 def test_installed_console_entry_points(installed, tmp_path, command):
-    site, env = installed
-    done = _run([str(site / "bin" / command), "--help"], tmp_path, env)
+    venv, env = installed
+    done = _run([str(venv / "bin" / command), "--help"], tmp_path, env)
     assert done.stdout.startswith("usage: ")
