@@ -507,12 +507,16 @@ def _result_dtype(dtype: _DType) -> np.dtype:
 class _Record:
     """Where a storage record's bytes lie: at ``offset`` in the file when stored uncompressed (as
     ``torch.save`` and safetensors write them), else in the zip member ``name`` (read whole and
-    decompressed).  ``order`` is the byte order of its values (``'<'`` or ``'>'``)."""
+    decompressed, which checks its CRC).  ``order`` is the byte order of its values (``'<'`` or ``'>'``).
+    A stored zip member also has its ``crc`` and ``size``: a read of the whole record is checked against
+    its CRC-32, as a read through ``zipfile`` would be."""
 
     path: Path
     order: str
     offset: int | None = None
     name: str | None = None
+    crc: int | None = None
+    size: int | None = None
 
     def read(self, begin: int, end: int) -> np.ndarray:
         """Bytes ``[begin, end)`` of the record as a fresh, writeable ``uint8`` array."""
@@ -528,6 +532,8 @@ class _Record:
             raise _fail(self.path, f"cannot read tensor data: {exc}") from exc
         if got != out.size:
             raise _fail(self.path, "tensor data is truncated (the file is shorter than its index says)")
+        if self.crc is not None and (begin, end) == (0, self.size) and zlib.crc32(out) != self.crc:
+            raise _fail(self.path, f"record '{self.name}' is corrupt: its bytes do not match the zip's CRC-32")
         return out
 
 
@@ -666,7 +672,8 @@ class _TorchArchive:
                 if signature != b"PK\x03\x04":
                     raise _fail(self.path, f"bad local header of record '{name}' (corrupt checkpoint)")
                 offset = info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
-                self.records[key] = _Record(self.path, self.order, offset=offset), info.file_size
+                self.records[key] = _Record(self.path, self.order, offset=offset, name=name,
+                                            crc=info.CRC, size=info.file_size), info.file_size
         return self.records[key]
 
     def lazy(self, ref: _TensorRef) -> LazyTensor:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from almtok_jax.torch_io import CheckpointError, Opaque, load_checkpoint_tree, load_state_dict
+from almtok_jax.torch_io import CheckpointError, Opaque, load_checkpoint_tree, load_state_dict, open_state_dict
 from tests.torch_zip import (
     BINPERSID,
     EMPTY_TUPLE,
@@ -425,6 +425,20 @@ def test_truncated_and_incomplete_zips(tmp_path: Path) -> None:
         zf.writestr("archive/data/0", b"\0" * 4)
     with pytest.raises(CheckpointError, match=r"nopkl\.pth.*data\.pkl"):
         load_state_dict(nopkl)
+
+
+def test_flipped_tensor_byte_fails_the_crc(tmp_path: Path) -> None:
+    """A damaged download (one byte of tensor data changed, the zip index intact) is refused when the tensor
+    is read, naming the record, instead of converting a wrong weight."""
+    values = np.float32([1, 2, 3, 4]).tobytes()
+    good = write_torch_zip(tmp_path / "good.pth", _one_tensor_body(), {"0": values})
+    data = good.read_bytes()
+    at = data.index(values) + 5
+    bad = tmp_path / "flipped.pth"
+    bad.write_bytes(data[:at] + bytes([data[at] ^ 0x10]) + data[at + 1:])
+    tensor = open_state_dict(bad, select="model")["w"]  # names, shapes and bounds need no data
+    with pytest.raises(CheckpointError, match=r"flipped\.pth: record 'archive/data/0' is corrupt.*CRC"):
+        tensor.read()
 
 
 def test_non_dict_and_nested_selection(tmp_path: Path) -> None:
