@@ -140,10 +140,11 @@ class Component:
         return self.module(config).init(key, *inputs)
 
     def load(self, state_dict: Mapping[str, np.ndarray], config: Any, source: str = "state dict",
-             names: tuple[str, ...] | None = None) -> dict:
+             names: tuple[str, ...] | None = None, lazy: bool = False) -> dict:
         """Variables (NumPy) from the keys of ``state_dict`` this component owns; other keys are ignored.
 
-        ``names`` (key names, equal to the module's top-level submodule names) loads only those parts.
+        ``names`` (key names, equal to the module's top-level submodule names) loads only those parts;
+        ``lazy`` gives :class:`~almtok_jax.mapping.LazyVariable` leaves, read when asked for.
         Raises :class:`~almtok_jax.mapping.MappingError` naming ``source`` and every problem.
         """
         owned = {k: v for k, v in state_dict.items() if self.owns(k, names)}
@@ -153,7 +154,7 @@ class Component:
         if names is not None:
             expected = {col: {n: t for n, t in tree.items() if n in names} for col, tree in expected.items()}
             expected = {col: tree for col, tree in expected.items() if tree}
-        return convert_state_dict(owned, self.key_rules(config), expected, source=source)
+        return convert_state_dict(owned, self.key_rules(config), expected, source=source, lazy=lazy)
 
 
 def replace_at(config: Any, path: str, value: Any) -> Any:

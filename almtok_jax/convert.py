@@ -62,7 +62,9 @@ def convert(release: Path, out: Path, config_path: Path | None = None, force: bo
     check_replaceable(out, force)  # before the (long) read, not after it
     given = load_model_config(config_path) if config_path is not None else None
     rel = read_release(release, given, checkpoint_file)
-    variables = convert_checkpoint(rel.model_state, rel.codec_state, rel.config, source=str(rel.checkpoint))
+    # Checked whole from names and shapes; each variable is read from the checkpoint only as it is written.
+    variables = convert_checkpoint(rel.model_state, rel.codec_state, rel.config, source=str(rel.checkpoint),
+                                   lazy=True)
     config_yaml = yaml.safe_dump(to_dict(rel.config), sort_keys=False)
     return save_model_dir(out, split_variables(variables), config_yaml, force=force)
 

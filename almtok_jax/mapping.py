@@ -6,9 +6,11 @@ element is the Flax collection (``params/...``, ``batch_stats/...``, ``codebook/
 ``target=None`` drops the key on purpose (unused buffers, training-only heads). ``stack="i"`` stacks the
 arrays of every value of group ``i`` along a new leading axis, in index order, for layers run by
 ``nn.scan``. :func:`convert_state_dict` applies the first matching rule to every key and reports every
-missing, unexpected and wrongly shaped tensor at once. A state dict of ``jax.ShapeDtypeStruct`` (names and
-shapes only) goes through the same rules, each transform evaluated on shapes (``jax.eval_shape``): what a
-full-size check without weights uses.
+missing, unexpected and wrongly shaped tensor at once. Every check runs on shapes alone (each transform
+evaluated on shapes with ``jax.eval_shape``), before any value is read: a state dict of
+``jax.ShapeDtypeStruct`` (a full-size check without weights) goes through the same rules, and a state dict
+of lazily read tensors can be converted one variable at a time (:class:`LazyVariable`), which is how a
+release is converted in bounded memory.
 
 Keys are canonicalised first, so both weight-norm spellings (``weight_g``/``weight_v`` and
 ``parametrizations.weight.original0``/``original1``) match rules written with ``weight_g``/``weight_v``.
@@ -107,18 +109,57 @@ def prefixed(prefix: str, rules: Iterable[Rule], target_prefix: str = "") -> lis
     return out
 
 
-def _apply(transform: Transform, value) -> np.ndarray | jax.ShapeDtypeStruct:
-    """``transform`` of a tensor, or of a shape (``jax.ShapeDtypeStruct``) through ``jax.eval_shape``."""
-    if isinstance(value, jax.ShapeDtypeStruct):
-        return jax.eval_shape(transform, value)
-    return transform(np.asarray(value))
+def _shape_of(transform: Transform, value) -> jax.ShapeDtypeStruct:
+    """The shape and (canonical JAX) dtype of ``transform(value)``, from ``value``'s shape alone."""
+    return jax.eval_shape(transform, jax.ShapeDtypeStruct(tuple(np.shape(value)), value.dtype))
 
 
-def _stack(arrays: list) -> np.ndarray | jax.ShapeDtypeStruct:
-    """Layers stacked on a new leading axis (shapes stay shapes)."""
-    if isinstance(arrays[0], jax.ShapeDtypeStruct):
-        return jax.ShapeDtypeStruct((len(arrays), *arrays[0].shape), arrays[0].dtype)
-    return np.stack(arrays)
+@dataclass(frozen=True)
+class LazyVariable:
+    """One converted variable, not computed yet: ``read()`` reads its source tensors (a
+    :class:`~almtok_jax.torch_io.LazyTensor` reads its bytes only then), applies the rule's transform and,
+    for a stacked variable, writes each layer into its slot of the one ``(L, ...)`` array it allocates.
+    ``shape`` and ``dtype`` (the canonical JAX dtype: int64 is stored as int32 unless x64 is enabled) are
+    known without reading anything, so a model directory can be written one variable at a time."""
+
+    sources: tuple[tuple[object, Transform], ...]  # (tensor, transform): one, or one per layer in order
+    stacked: bool
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * self.dtype.itemsize
+
+    def read(self) -> np.ndarray:
+        if not self.stacked:
+            (tensor, transform), = self.sources
+            return np.asarray(transform(np.asarray(tensor)), self.dtype)
+        out = np.empty(self.shape, self.dtype)
+        for layer, (tensor, transform) in zip(out, self.sources, strict=True):
+            layer[...] = transform(np.asarray(tensor))
+        return out
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        array = self.read()
+        return array if dtype is None else array.astype(dtype, copy=False)
+
+
+def _variable(sources: list[tuple[object, Transform]], stacked: bool) -> LazyVariable | jax.ShapeDtypeStruct:
+    """The variable made of ``sources`` (a shape only when the sources are shapes)."""
+    one = _shape_of(sources[0][1], sources[0][0])
+    shape = (len(sources), *one.shape) if stacked else one.shape
+    if isinstance(sources[0][0], jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(shape, one.dtype)
+    return LazyVariable(tuple(sources), stacked, shape, np.dtype(one.dtype))
 
 
 def _describe(items: list[str], limit: int = 60) -> str:
@@ -127,12 +168,12 @@ def _describe(items: list[str], limit: int = 60) -> str:
     return f"\n    {shown}{more}"
 
 
-def _odd_layers(by_index: Mapping[int, tuple[str, np.ndarray]], layer_shape: tuple[int, ...] | None
-                ) -> list[tuple[int, str]]:
+def _odd_layers(by_index: Mapping[int, tuple[str, tuple[int, ...], object, Transform]],
+                layer_shape: tuple[int, ...] | None) -> list[tuple[int, str]]:
     """``(layer index, reason)`` of the layers of a stack whose shape differs from the others'. With the
     model's per-layer shape known, every layer not of that shape (when the layers disagree among
     themselves; a stack uniformly of another shape is reported whole, as a wrong shape)."""
-    shapes = {i: a.shape for i, (_, a) in by_index.items()}
+    shapes = {i: shape for i, (_, shape, _, _) in by_index.items()}
     if len(set(shapes.values())) == 1:
         return []
     if layer_shape is not None:
@@ -143,16 +184,19 @@ def _odd_layers(by_index: Mapping[int, tuple[str, np.ndarray]], layer_shape: tup
 
 
 def convert_state_dict(state_dict: Mapping[str, np.ndarray], rules: Iterable[Rule],
-                       expected: Mapping | None = None, *, source: str = "state dict") -> dict:
+                       expected: Mapping | None = None, *, source: str = "state dict", lazy: bool = False) -> dict:
     """Apply ``rules`` to ``state_dict`` and return the nested Flax variables.
 
     ``expected`` (optional) is a nested mapping of arrays or ``jax.ShapeDtypeStruct`` (e.g. from
     ``jax.eval_shape(model.init, ...)``): every path it holds must be produced with the same shape, and
-    nothing else. Raises :class:`MappingError` listing every problem at once; ``source`` names the file.
+    nothing else. Everything is checked from the tensors' shapes before any value is read, and
+    :class:`MappingError` lists every problem at once; ``source`` names the file. The values are then
+    NumPy arrays, or with ``lazy`` :class:`LazyVariable` leaves that read their tensors when asked (a
+    state dict of ``jax.ShapeDtypeStruct`` gives ``jax.ShapeDtypeStruct`` leaves).
     """
     rules = list(rules)
-    flat: dict[str, np.ndarray] = {}
-    stacked: dict[str, dict[int, tuple[str, np.ndarray]]] = {}
+    flat: dict[str, LazyVariable | jax.ShapeDtypeStruct] = {}
+    stacked: dict[str, dict[int, tuple[str, tuple[int, ...], object, Transform]]] = {}
     sources: dict[str, str] = {}
     unexpected: list[str] = []
     problems: list[str] = []
@@ -166,16 +210,16 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], rules: Iterable[Rul
             continue
         groups = rule.match(ckey).groupdict()
         path = rule.target.format(**groups)
-        array = _apply(rule.transform, value)
         if rule.stack is None:
             if path in sources:
                 problems.append(f"{path}: both {sources[path]} and {key} map to it")
-            flat[path], sources[path] = array, key
+            flat[path], sources[path] = _variable([(value, rule.transform)], stacked=False), key
         else:
             index = int(groups[rule.stack])
             if index in stacked.get(path, {}):
                 problems.append(f"{path} layer {index}: both {stacked[path][index][0]} and {key} map to it")
-            stacked.setdefault(path, {})[index] = (key, array)
+            layer_shape = tuple(_shape_of(rule.transform, value).shape)
+            stacked.setdefault(path, {})[index] = (key, layer_shape, value, rule.transform)
     want = ({"/".join(k): v for k, v in traverse_util.flatten_dict(dict(expected)).items()}
             if expected is not None else {})
     reported: set[str] = set()  # stacked paths with a problem already listed (not "missing" on top)
@@ -187,11 +231,11 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], rules: Iterable[Rul
             continue
         odd = _odd_layers(by_index, tuple(want[path].shape[1:]) if path in want else None)
         if odd:
-            problems.extend(f"{path}: layer {i} ({by_index[i][0]}) gives {by_index[i][1].shape}, {reason}"
+            problems.extend(f"{path}: layer {i} ({by_index[i][0]}) gives {by_index[i][1]}, {reason}"
                             for i, reason in odd)
             reported.add(path)
             continue
-        flat[path] = _stack([by_index[i][1] for i in indices])
+        flat[path] = _variable([by_index[i][2:] for i in indices], stacked=True)
     if expected is not None:
         missing = sorted(set(want) - set(flat) - reported)
         extra = sorted(set(flat) - set(want))
@@ -207,4 +251,6 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], rules: Iterable[Rul
         problems.append(f"{len(unexpected)} unexpected keys (no rule matches):{_describe(sorted(unexpected))}")
     if problems:
         raise MappingError(f"{source} does not fit the model:\n  " + "\n  ".join(problems))
+    if not lazy:
+        flat = {p: v.read() if isinstance(v, LazyVariable) else v for p, v in flat.items()}
     return traverse_util.unflatten_dict({tuple(k.split("/")): v for k, v in flat.items()})

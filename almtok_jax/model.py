@@ -119,9 +119,13 @@ def derive_config(model_state: Mapping, codec_state: Mapping, files: ReleaseFile
 
 
 def convert_checkpoint(model_state: Mapping[str, np.ndarray], codec_state: Mapping[str, np.ndarray],
-                       config: ALMTokenizer2Config, source: str = "release") -> dict[str, dict]:
+                       config: ALMTokenizer2Config, source: str = "release", lazy: bool = False) -> dict[str, dict]:
     """Reference state dicts (``ep*.checkpoint['model']``, ``sqcodec.pth['codec_model']``) -> variables
     (state dicts of ``jax.ShapeDtypeStruct`` give the variables' shapes through the same rules).
+
+    With ``lazy`` the variables are :class:`~almtok_jax.mapping.LazyVariable` leaves: everything is checked,
+    but a value is read from the (lazily opened) state dicts only when its variable is read, one variable at a
+    time, e.g. by :func:`~almtok_jax.train.checkpoint.save_model_dir` as it writes it.
 
     Every key goes to the one component whose key prefix owns it; a key no component owns, a component
     without any key (one line each), a variable no key provides and every shape mismatch are collected over
@@ -139,11 +143,14 @@ def convert_checkpoint(model_state: Mapping[str, np.ndarray], codec_state: Mappi
                             + "\n    ".join(unowned))
     for c in (c for c in converted if c.name not in absent):
         try:
-            variables[c.name] = c.load(states[c.source], c.config(config), source=f"{source} [{c.name}]")
+            variables[c.name] = c.load(states[c.source], c.config(config), source=f"{source} [{c.name}]",
+                                       lazy=lazy)
         except MappingError as e:
             problems.append(str(e))
     if problems:
         raise MappingError("\n".join(problems))
+    if lazy:
+        return variables
     return jax.tree.map(lambda a: a if isinstance(a, jax.ShapeDtypeStruct) else jnp.asarray(a), variables)
 
 
@@ -241,6 +248,22 @@ def load_model(directory: str | Path) -> tuple[dict, ALMTokenizer2Config]:
     variables = merge_variables(tree)
     check_model(variables, config, directory)
     return variables, config
+
+
+def to_device(variables: dict) -> dict:
+    """Host variables (as :func:`load_model` gives them) moved to the default device, in place, one array
+    at a time: each host array is let go as soon as it is moved, and on the CPU an aligned array (a model
+    directory is read into aligned buffers) is adopted without a copy, so the model is in memory once. The
+    arrays are committed to this process's first device (a multi-device caller places them itself)."""
+    device = jax.local_devices()[0]
+    for name, value in variables.items():
+        if isinstance(value, dict):
+            to_device(value)
+        elif isinstance(value, np.ndarray) and value.flags.c_contiguous and value.flags.writeable:
+            variables[name] = jax.dlpack.from_dlpack(value, device=device)
+        else:
+            variables[name] = jax.device_put(value, device)
+    return variables
 
 
 # ---------------------------------------------------------------------------------------------- encode

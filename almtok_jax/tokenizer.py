@@ -25,7 +25,7 @@ from almtok_jax.audio import AudioError, resample, resampled_length
 from almtok_jax.compat import Compat, check_compat
 from almtok_jax.config import ALMTokenizer2Config
 from almtok_jax.flow.cfm import RELEASE_SAMPLER, SamplerConfig
-from almtok_jax.model import decode_latents, encode_segments, generate_latents, load_model
+from almtok_jax.model import decode_latents, encode_segments, generate_latents, load_model, to_device
 from almtok_jax.pipeline import (
     PipelineConfig,
     WindowPlan,
@@ -107,7 +107,7 @@ class ALMTokenizer2:
         """Load a model directory written by ``convert_torch_weights.py`` or ``train.py --export``; its
         config is checked against its weights and itself (:func:`~almtok_jax.model.load_model`)."""
         variables, config = load_model(checkpoint_dir)
-        return cls(jax.tree.map(jnp.asarray, variables), config, compat)
+        return cls(to_device(variables), config, compat)
 
     @property
     def pipeline(self) -> PipelineConfig:

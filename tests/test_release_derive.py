@@ -25,30 +25,16 @@ from almtok_jax.model import COMPONENTS, abstract_variables, convert_checkpoint,
 from almtok_jax.quantizer.query import QUANTIZER
 from almtok_jax.release import checkpoint_order, newest_checkpoint, read_release, select_checkpoint
 from almtok_jax.torch_io import load_state_dict
+from tests.synthetic_release import FULL_FILES, full_size_shapes
 
 RELEASE = FIXTURES / "release_tiny"
-FULL_KEYS = FIXTURES / "release_full_keys"
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny_release.yaml"
 
-# The release's own files as the spec gives them (01-experts §3.1 whisper-medium, 03-flow-dit §1
-# models/model_config.json without num_positional_embeddings, 04-sqcodec-training A.2 sq_config.yaml).
-FULL_FILES = {
-    WHISPER_CONFIG: {"d_model": 1024, "encoder_layers": 24, "encoder_attention_heads": 16, "encoder_ffn_dim": 4096,
-                     "num_mel_bins": 80, "max_source_positions": 1500, "model_type": "whisper"},
-    DIT_CONFIG: {"_class_name": "Transformer1DModel", "activation_fn": "gelu-approximate", "attention_head_dim": 64,
-                 "in_channels": 1040, "norm_eps": 1e-6, "norm_type": "ada_norm_single", "num_attention_heads": 24,
-                 "num_layers": 32, "out_channels": 136},
-    SQ_CONFIG: {"num_bands": 1, "sample_rate": 24000, "causal": True, "num_samples": 1,
-                "downsample_factors": [3, 4, 4, 4, 5], "downsample_kernel_sizes": [6, 8, 8, 8, 10],
-                "upsample_factors": [5, 4, 4, 4, 3], "upsample_kernel_sizes": [10, 8, 8, 8, 6],
-                "latent_hidden_dim": 136, "default_kernel_size": 7, "delay_kernel_size": 5, "init_channel": 64,
-                "res_kernel_size": 7},
-}
+MODEL_SHAPES, CODEC_SHAPES = full_size_shapes(FIXTURES)
 
 
-def _abstract_state(name: str) -> dict[str, jax.ShapeDtypeStruct]:
-    shapes = json.loads((FULL_KEYS / name).read_text())
-    return {k: jax.ShapeDtypeStruct(tuple(s), jnp.float32) for k, s in shapes.items()}
+def _abstract(shapes: dict) -> dict[str, jax.ShapeDtypeStruct]:
+    return {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in shapes.items()}
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +54,7 @@ def test_every_converted_component_derives_its_architecture():
 def test_full_size_architecture_from_key_shapes_alone():
     """Derived from the full-size manifest's shapes (no weights): the release architecture, and every key
     maps to exactly one variable of the full-size model with its shape, no variable left without a key."""
-    model_state, codec_state = _abstract_state("ep5_model_keys.json"), _abstract_state("sqcodec_keys.json")
+    model_state, codec_state = _abstract(MODEL_SHAPES), _abstract(CODEC_SHAPES)
     config = derive_config(model_state, codec_state, FULL_FILES)
     assert config == ALMTokenizer2Config()
     variables = convert_checkpoint(model_state, codec_state, config, source="full-size manifest")
@@ -90,7 +76,7 @@ def _without_layers(state: dict, prefix: str, keep: int) -> dict:
 def test_full_size_release_with_other_depths_and_codebooks():
     """Counts no preset has (Whisper 12 layers, WavLM 10, query encoder 3 / decoder 5, 5 codebooks of 4096,
     DiT 20 blocks and a 2000-frame position table) are read off the keys, and every key still maps."""
-    model_state = _abstract_state("ep5_model_keys.json")
+    model_state = _abstract(MODEL_SHAPES)
     for prefix, keep in (("whisper_encoder.layers.", 12), ("wavlm_encoder.encoder.layers.", 10),
                          ("encoder_transformers.", 3), ("decoder_transformers.", 5), ("vq_embed.layers.", 5),
                          ("cfm_wrapper.estimator.transformer_blocks.", 20)):
@@ -101,7 +87,7 @@ def test_full_size_release_with_other_depths_and_codebooks():
     model_state["cfm_wrapper.estimator.pos_embed.pe"] = jax.ShapeDtypeStruct((1, 2000, 1536), jnp.float32)
     files = {**FULL_FILES, WHISPER_CONFIG: {**FULL_FILES[WHISPER_CONFIG], "encoder_layers": 12},
              DIT_CONFIG: {**FULL_FILES[DIT_CONFIG], "num_layers": 20}}
-    config = derive_config(model_state, _abstract_state("sqcodec_keys.json"), files)
+    config = derive_config(model_state, _abstract(CODEC_SHAPES), files)
     q = config.quantizer
     assert (config.experts.whisper.encoder_layers, config.experts.wavlm.num_hidden_layers) == (12, 10)
     assert (q.encoder_depth, q.decoder_depth, q.rvq.num_quantizers, q.rvq.codebook_size) == (3, 5, 5, 4096)
@@ -113,12 +99,12 @@ def test_full_size_release_with_other_depths_and_codebooks():
 def test_full_size_without_whisper_and_dit_files():
     """Without model_config.json and whisper-medium/config.json the sizes come from the shapes and the head
     sizes from the release architecture: the same config."""
-    model_state, codec_state = _abstract_state("ep5_model_keys.json"), _abstract_state("sqcodec_keys.json")
+    model_state, codec_state = _abstract(MODEL_SHAPES), _abstract(CODEC_SHAPES)
     assert derive_config(model_state, codec_state, {SQ_CONFIG: FULL_FILES[SQ_CONFIG]}) == ALMTokenizer2Config()
 
 
 def test_full_size_manifest_refuses_a_wrong_shape():
-    model_state = _abstract_state("ep5_model_keys.json")
+    model_state = _abstract(MODEL_SHAPES)
     key = "decoder_transformers.3.ff.ff.2.parametrizations.weight.original1"
     model_state[key] = jax.ShapeDtypeStruct((768, 3000), jnp.float32)
     message = (r"decoder_transformers/blocks/ff/out/weight_v: layer 3 \(decoder_transformers\.3\.ff\.ff\.2\."

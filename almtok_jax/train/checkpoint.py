@@ -19,18 +19,23 @@ rename of :func:`save_model_dir` is a copy and a delete, not atomic.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 import sys
+import time
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import tensorstore as ts
 import yaml
 from etils import epath
 
 from almtok_jax.config import ModelDirError
+from almtok_jax.mapping import LazyVariable
 from almtok_jax.train.config import CheckpointConfig
 
 log = logging.getLogger("almtok_jax.train")
@@ -142,15 +147,120 @@ def check_replaceable(directory: str | os.PathLike, force: bool) -> None:
                               "replaces only model directories: remove it yourself or choose another output")
 
 
+ALIGNMENT = 64  # bytes: a host array JAX can adopt without a copy (jax.dlpack.from_dlpack on the CPU)
+CHUNK_BYTES = 64 << 20  # a model directory's arrays are stored in chunks of at most this size
+
+
+def aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """An uninitialised array whose data starts on an :data:`ALIGNMENT`-byte boundary."""
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    buffer = np.empty(nbytes + ALIGNMENT, np.uint8)
+    start = -buffer.ctypes.data % ALIGNMENT
+    return buffer[start:start + nbytes].view(dtype).reshape(shape)
+
+
+class _OneAtATimeHandler(ocp.type_handlers.NumpyHandler):
+    """Host arrays of a model directory, one at a time, so that memory holds the model plus one variable:
+
+    * writing: a :class:`~almtok_jax.mapping.LazyVariable` is read just before it is written and dropped
+      once it is on disk, and arrays are not copied first (the default handler deep-copies every array
+      before writing: twice the model in memory);
+    * reading: each array is read alone into an :data:`ALIGNMENT`-aligned buffer, which JAX adopts without
+      a copy (the default reads every array at once, into buffers JAX has to copy).
+
+    The files are those of ``np.ndarray`` leaves, so either side works with the default handler."""
+
+    def __init__(self) -> None:
+        super().__init__(deepcopy_host_arrays=False)
+        self._turn: asyncio.Lock | None = None  # made inside the event loop that writes
+
+    async def _open_and_write(self, value: Any, tspec: dict[str, Any], ts_context: Any) -> None:
+        self._turn = self._turn or asyncio.Lock()
+        async with self._turn:
+            array = value.read() if isinstance(value, LazyVariable) else value
+            store = await ts.open(ts.Spec(tspec), create=True, open=True, context=ts_context)
+            await store.write(array, can_reference_source_data_indefinitely=True).commit
+
+    async def deserialize(self, infos: Any, args: Any = None) -> list[np.ndarray]:
+        args = args or [ocp.RestoreArgs()] * len(infos)
+        out = []
+        for info, arg in zip(infos, args, strict=True):
+            (array,) = await super().deserialize([info], [arg])
+            out.append(aligned_empty(array.shape, array.dtype))
+            out[-1][...] = array
+            del array
+        return out
+
+
+def _host_handler() -> ocp.PyTreeCheckpointHandler:
+    """A PyTree handler whose host arrays (and lazy variables) go through :class:`_OneAtATimeHandler`."""
+    handler = _OneAtATimeHandler()
+    registry = ocp.type_handlers.create_type_handler_registry(
+        (np.ndarray, handler), (LazyVariable, handler),
+        (jax.Array, ocp.type_handlers.ArrayHandler()))  # not used; orbax warns when it is missing
+    return ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_compression=False)
+
+
+@contextlib.contextmanager
+def _errors_reported_once():
+    """orbax logs an exception raised in one of its writer threads, traceback and all, on each thread it
+    passes through before ``save`` re-raises it; the caller reports it (once), so those log records are
+    dropped while the block runs."""
+
+    def once(record: logging.LogRecord) -> bool:
+        return "_SignalingThread.run() raised an exception" not in record.getMessage()
+
+    logger = logging.getLogger("absl")
+    logger.addFilter(once)
+    try:
+        yield
+    finally:
+        logger.removeFilter(once)
+
+
+def _write_params(path: epath.Path, variables: dict) -> None:
+    """One orbax PyTree checkpoint of ``variables``. Host trees (NumPy arrays, lazy variables: a converted
+    release) are written one variable at a time, uncompressed (compression buffers are kept until the
+    end: ~4 variables more in memory for a few per cent of disk) and in chunks of at most
+    :data:`CHUNK_BYTES` (read back chunk by chunk); device arrays (a training export, maybe spread over
+    processes) through orbax's own handlers."""
+    if all(isinstance(x, np.ndarray | LazyVariable) for x in jax.tree.leaves(variables)):
+        chunks = jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES), variables)
+        with _errors_reported_once():
+            ocp.Checkpointer(_host_handler()).save(path, args=ocp.args.PyTreeSave(variables, save_args=chunks))
+    else:
+        ckptr = ocp.StandardCheckpointer()
+        ckptr.save(path, variables)
+        ckptr.wait_until_finished()
+
+
+def _discard(folder: epath.Path, attempts: int = 40) -> None:
+    """Remove a half-written folder after a failed save; never raises (the save's own error is the one to
+    report). orbax's writer threads can still be finishing when ``save`` raises (writing a data file,
+    renaming a lock), so the removal is retried until the folder stays gone."""
+    for _ in range(attempts):
+        try:
+            if folder.exists():
+                folder.rmtree()
+            time.sleep(0.05)
+            if not folder.exists():
+                return
+        except OSError:
+            time.sleep(0.05)
+    log.warning("could not remove the half-written %s; delete it by hand", folder)
+
+
 def save_model_dir(directory: str | os.PathLike, variables: dict, config_yaml_text: str,
                    force: bool = False) -> epath.Path:
-    """Write ``variables`` (nested dict, e.g. ``{"frozen": ..., "trainable": ...}``) and the config YAML.
+    """Write ``variables`` (nested dict, e.g. ``{"frozen": ..., "trainable": ...}``; leaves are device
+    arrays, NumPy arrays or :class:`~almtok_jax.mapping.LazyVariable`, read as they are written) and the
+    config YAML.
 
-    Written to ``DIR.tmp``, then swapped in: an existing ``DIR`` (``force=True``, model directories only) is
-    first renamed to ``DIR.replaced``, the new one renamed to ``DIR``, then the old one deleted. A kill at any
-    moment leaves a complete old or new model (at ``DIR``, or only at ``DIR.replaced`` between the two
-    renames, which the next save puts back first). Every process calls it (orbax coordinates multi-host
-    writes); process 0 renames.
+    Written to ``DIR.tmp`` (removed again if writing fails), then swapped in: an existing ``DIR``
+    (``force=True``, model directories only) is first renamed to ``DIR.replaced``, the new one renamed to
+    ``DIR``, then the old one deleted. A kill at any moment leaves a complete old or new model (at ``DIR``,
+    or only at ``DIR.replaced`` between the two renames, which the next save puts back first). Every process
+    calls it (orbax coordinates multi-host writes); process 0 renames.
     """
     directory = location(directory)
     tmp = directory.with_name(directory.name + ".tmp")
@@ -165,9 +275,13 @@ def save_model_dir(directory: str | os.PathLike, variables: dict, config_yaml_te
     yaml.safe_load(config_yaml_text)  # refuse to write a config that cannot be read back
     if primary and tmp.exists():
         tmp.rmtree()
-    ckptr = ocp.StandardCheckpointer()
-    ckptr.save(tmp / "params", variables)
-    ckptr.wait_until_finished()
+    try:
+        _write_params(tmp / "params", variables)
+    except BaseException:
+        _quiet_closed_loop_reports()
+        if primary:
+            _discard(tmp)
+        raise
     if primary:
         (tmp / "config.yaml").write_text(config_yaml_text)
         replacing = directory.exists()
@@ -181,8 +295,9 @@ def save_model_dir(directory: str | os.PathLike, variables: dict, config_yaml_te
 
 def _restore_numpy(path: epath.Path) -> dict:
     """An orbax PyTree checkpoint as host NumPy arrays, whatever device topology wrote it (a training
-    export from 8 devices restores on one)."""
-    checkpointer = ocp.PyTreeCheckpointer()
+    export from 8 devices restores on one), read one array at a time into aligned buffers
+    (:class:`_OneAtATimeHandler`)."""
+    checkpointer = ocp.Checkpointer(_host_handler())
     meta = checkpointer.metadata(path)
     tree = getattr(getattr(meta, "item_metadata", meta), "tree", meta)
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
