@@ -1,7 +1,7 @@
 """How far each sampler setting lands from the converged flow ODE solution (not a test). From the repo root:
 
     python benchmarks/bench_fidelity.py --model DIR [--audio ../shared/audio/speech] [--clips 4] \
-        [--out benchmarks/results/fidelity]
+        [--seed 0] [--settings midpoint:uniform:6,8] [--out benchmarks/results/fidelity]
 
 For a trained flow decoder (any model directory: ``train.py --export``, ``convert_torch_weights.py``) this
 encodes real clips, takes the first decoding window of each (no prompt), and samples it with every
@@ -82,6 +82,17 @@ def first_windows(tok: ALMTokenizer2, files: list[Path], seed: int) -> tuple[np.
     return np.stack(codes), np.stack(noise)
 
 
+def parse_settings(specs: list[str]) -> list[tuple[str, str, tuple[int, ...]]]:
+    """``SOLVER:GRID:STEPS[,STEPS]`` strings -> :data:`SETTINGS` rows, with Euler 50 uniform (the bar) added."""
+    settings = [("euler", "uniform", (50,))]
+    for spec in specs:
+        solver, grid, counts = spec.split(":")
+        steps = tuple(int(c) for c in counts.split(",") if (solver, grid, int(c)) != ("euler", "uniform", 50))
+        if steps:
+            settings.append((solver, grid, steps))
+    return settings
+
+
 def relative_l2(x: np.ndarray, ref: np.ndarray) -> float:
     return float(np.linalg.norm((x - ref).ravel()) / np.linalg.norm(ref.ravel()))
 
@@ -95,6 +106,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--reference", default="rk4:512", help="converged solution, SOLVER:STEPS")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "fidelity")
+    parser.add_argument("--settings", nargs="+", default=None, metavar="SOLVER:GRID:STEPS[,STEPS]",
+                        help="run only these settings (Euler 50 uniform, the bar, is always added)")
     parser.add_argument("--roughness", action="store_true", help="measure v(x, t) on a fine t grid instead")
     parser.add_argument("--roughness-points", type=int, default=4000)
     args = parser.parse_args()
@@ -116,7 +129,7 @@ def main() -> None:
     ref_lat, ref_wav = run(replace(base, solver=ref_solver, num_steps=int(ref_steps)))
     print(f"reference {args.reference}: {time.perf_counter() - start:.1f} s", flush=True)
     rows = []
-    for solver, grid, counts in SETTINGS:
+    for solver, grid, counts in parse_settings(args.settings) if args.settings else SETTINGS:
         for steps in counts:
             sampler = replace(base, solver=solver, time_grid=grid, num_steps=steps)
             lat, wav = run(sampler)
@@ -238,9 +251,10 @@ def plot(rows: list[dict], bar: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, key, title in zip(axes, ("latent_rel_l2", "wave_rel_l2"), ("latent", "SQ-decoded waveform"),
                               strict=True):
-        for solver, grid in dict.fromkeys((r["solver"], r["grid"]) for r in rows):
+        for i, (solver, grid) in enumerate(dict.fromkeys((r["solver"], r["grid"]) for r in rows)):
             part = [r for r in rows if (r["solver"], r["grid"]) == (solver, grid)]
-            ax.loglog([r["evaluations"] for r in part], [r[key] for r in part], "o-", label=f"{solver} {grid}")
+            ax.loglog([r["evaluations"] for r in part], [r[key] for r in part], "o-" if grid == "uniform" else "s--",
+                      color=plt.cm.tab20(i % 20), label=f"{solver} {grid}")
         ax.axhline(bar[key], color="k", ls=":", lw=1, label="Euler 50 (reference sampler)")
         ax.set_xlabel("estimator evaluations per window")
         ax.set_ylabel("relative L2 error vs converged solution")
