@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from almtok_jax.flow.cfm import (
+    RELEASE_SAMPLER,
     SOLVER_ORDER,
     SOLVERS,
     FlowLossConfig,
@@ -225,9 +226,19 @@ def test_each_solver_converges_at_its_order(solver, grid):
 
 
 def test_evaluations_per_window():
-    assert SamplerConfig(num_steps=50).evaluations == 50
+    assert SamplerConfig(num_steps=50, solver="euler").evaluations == 50
     assert SamplerConfig(num_steps=8, solver="heun").evaluations == 16
     assert SamplerConfig(num_steps=5, solver="rk4").evaluations == 20
     assert SamplerConfig(num_steps=10, solver="ab2").evaluations == 10
     with pytest.raises(ValueError, match="time_grid"):
         SamplerConfig(time_grid="log")
+
+
+def test_default_sampler_is_the_benchmarked_setting():
+    """Default mode: the cheapest setting that qualified in benchmarks/bench_fidelity.py (benchmarks/README):
+    RK4, 4 uniform steps, 16 estimator evaluations per window. Release mode: the reference's Euler, 50
+    uniform steps."""
+    default = SamplerConfig()
+    assert (default.solver, default.time_grid, default.num_steps, default.evaluations) == ("rk4", "uniform", 4, 16)
+    assert (RELEASE_SAMPLER.solver, RELEASE_SAMPLER.time_grid, RELEASE_SAMPLER.num_steps,
+            RELEASE_SAMPLER.evaluations) == ("euler", "uniform", 50, 50)
