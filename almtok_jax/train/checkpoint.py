@@ -198,35 +198,40 @@ def _host_handler() -> ocp.PyTreeCheckpointHandler:
     registry = ocp.type_handlers.create_type_handler_registry(
         (np.ndarray, handler), (LazyVariable, handler),
         (jax.Array, ocp.type_handlers.ArrayHandler()))  # not used; orbax warns when it is missing
-    return ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_compression=False)
+    return ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_compression=False, use_ocdbt=False)
+
+
+# orbax log records a host write drops: an exception raised in a writer thread is logged, traceback and all,
+# on each thread it passes through before ``save`` re-raises it (the caller reports it, once); and a save
+# outside OCDBT (what the host writer asks for) is reported as a skipped OCDBT merge.
+_ORBAX_NOISE = ("_SignalingThread.run() raised an exception", "Skipping merge of OCDBT checkpoints")
 
 
 @contextlib.contextmanager
-def _errors_reported_once():
-    """orbax logs an exception raised in one of its writer threads, traceback and all, on each thread it
-    passes through before ``save`` re-raises it; the caller reports it (once), so those log records are
-    dropped while the block runs."""
+def _orbax_noise_dropped():
+    """:data:`_ORBAX_NOISE` log records are dropped while the block runs."""
 
-    def once(record: logging.LogRecord) -> bool:
-        return "_SignalingThread.run() raised an exception" not in record.getMessage()
+    def keep(record: logging.LogRecord) -> bool:
+        return not any(noise in record.getMessage() for noise in _ORBAX_NOISE)
 
     logger = logging.getLogger("absl")
-    logger.addFilter(once)
+    logger.addFilter(keep)
     try:
         yield
     finally:
-        logger.removeFilter(once)
+        logger.removeFilter(keep)
 
 
 def _write_params(path: epath.Path, variables: dict) -> None:
     """One orbax PyTree checkpoint of ``variables``. Host trees (NumPy arrays, lazy variables: a converted
-    release) are written one variable at a time, uncompressed (compression buffers are kept until the
-    end: ~4 variables more in memory for a few per cent of disk) and in chunks of at most
-    :data:`CHUNK_BYTES` (read back chunk by chunk); device arrays (a training export, maybe spread over
-    processes) through orbax's own handlers."""
+    release) are written one variable at a time, as one zarr3 array each in chunks of at most
+    :data:`CHUNK_BYTES` (read back chunk by chunk), uncompressed (compression buffers are kept until the
+    end: ~4 variables more in memory for a few per cent of disk) and outside an OCDBT database (0.9 GiB
+    more at the peak of a full-size conversion); see ``benchmarks/bench_convert.py``.
+    Device arrays (a training export, maybe spread over processes) go through orbax's own handlers."""
     if all(isinstance(x, np.ndarray | LazyVariable) for x in jax.tree.leaves(variables)):
         chunks = jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=CHUNK_BYTES), variables)
-        with _errors_reported_once():
+        with _orbax_noise_dropped():
             ocp.Checkpointer(_host_handler()).save(path, args=ocp.args.PyTreeSave(variables, save_args=chunks))
     else:
         ckptr = ocp.StandardCheckpointer()
