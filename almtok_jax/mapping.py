@@ -140,6 +140,7 @@ class LazyVariable:
         return self.size * self.dtype.itemsize
 
     def read(self) -> np.ndarray:
+        """The variable's values (a fresh array; nothing is kept)."""
         if not self.stacked:
             (tensor, transform), = self.sources
             return np.asarray(transform(np.asarray(tensor)), self.dtype)
@@ -147,10 +148,6 @@ class LazyVariable:
         for layer, (tensor, transform) in zip(out, self.sources, strict=True):
             layer[...] = transform(np.asarray(tensor))
         return out
-
-    def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        array = self.read()
-        return array if dtype is None else array.astype(dtype, copy=False)
 
 
 def _variable(sources: list[tuple[object, Transform]], stacked: bool) -> LazyVariable | jax.ShapeDtypeStruct:
