@@ -234,9 +234,42 @@ def dot_product_attention(q: Array, k: Array, v: Array, bias: Array | None = Non
 
 
 def rotary_inv_freq(dim: int, base: float) -> np.ndarray:
-    """Rotary frequencies ``1 / base^(2k/dim)``, ``k < dim/2``, evaluated in float32 like torch: ``(dim/2,)``."""
-    exponent = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
-    return (np.float32(1.0) / np.power(np.float32(base), exponent)).astype(np.float32)
+    """Rotary frequencies ``1 / base^(2k/dim)``, ``k < dim/2``, as torch computes them: ``(dim/2,)`` float32.
+
+    torch evaluates ``base ** (arange(0, dim, 2).float() / dim)`` with a float32 result of the exact power
+    (one rounding), then the float32 reciprocal. A float32 ``pow`` (numpy's) rounds differently: up to 2 ulp
+    off at dims 48-128, which the release's stored buffers (dim 64) show.
+    """
+    exponent = (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)).astype(np.float64)
+    power = np.power(np.float64(base), exponent).astype(np.float32)
+    return (np.float32(1.0) / power).astype(np.float32)
+
+
+def ulp_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Elementwise distance of two float32 arrays in units in the last place (0 for equal values)."""
+    def ordered(x: np.ndarray) -> np.ndarray:
+        bits = np.asarray(x, np.float32).view(np.int32).astype(np.int64)
+        return np.where(bits < 0, np.int64(-(2**31)) - bits, bits)  # monotone in the float value
+    return np.abs(ordered(a) - ordered(b))
+
+
+def check_derived_buffer(key: str, stored: np.ndarray, derived: np.ndarray, what: str, max_ulp: int = 8) -> None:
+    """Raise if a checkpoint buffer that the model recomputes is not ``derived`` (of the config) up to float32
+    rounding: a few ulp is another libm's evaluation of the same formula, more is another architecture.
+
+    The message names the buffer, ``what`` it was compared with, and how far it is.
+    """
+    stored = np.asarray(stored, np.float32)
+    if stored.shape != derived.shape:
+        raise ValueError(f"{key} has shape {stored.shape}, {what} has {derived.shape}")
+    if not np.all(np.isfinite(stored)):
+        raise ValueError(f"{key} holds non-finite values; expected {what}")
+    ulp = ulp_distance(stored, derived)
+    if ulp.size and ulp.max() > max_ulp:
+        i = int(np.argmax(ulp))
+        raise ValueError(f"{key} differs from {what}: up to {int(ulp.max())} ulp (max |diff| "
+                         f"{float(np.max(np.abs(stored - derived))):.3g}; entry {i}: {stored.flat[i]!r} vs "
+                         f"{derived.flat[i]!r}), more than the {max_ulp} ulp of float32 rounding")
 
 
 def rotary_tables(inv_freq: Array, length: int) -> tuple[Array, Array]:

@@ -34,11 +34,10 @@ FIXTURES = REPO.parent / "shared" / "fixtures"
 
 def write_full_release(folder: Path) -> float:
     """The synthetic full-size release; returns its tensor data in GiB."""
-    from almtok_jax.config import ALMTokenizer2Config
     from tests.synthetic_release import FULL_FILES, Values, full_size_shapes, release_rope, write_release
 
     model, codec = full_size_shapes(FIXTURES)
-    return write_release(folder, model, codec, FULL_FILES, Values(0, release_rope(ALMTokenizer2Config()))) / 2**30
+    return write_release(folder, model, codec, FULL_FILES, Values(0, release_rope(FIXTURES))) / 2**30
 
 
 def child_convert(workdir: Path) -> dict:

@@ -19,7 +19,6 @@ import numpy as np
 import yaml
 
 from almtok_jax.component import DIT_CONFIG, SQ_CONFIG, WHISPER_CONFIG
-from almtok_jax.quantizer.transformer import rope_inv_freq
 from almtok_jax.release import read_sq_section
 from tests.torch_zip import write_reference_checkpoint
 
@@ -87,9 +86,13 @@ def tiny_values(fixtures: Path) -> dict[str, np.ndarray]:
             **load_state_dict(tiny / "sqcodec.pth", select="codec_model")}
 
 
-def release_rope(config) -> dict[str, np.ndarray]:
-    """The query transformers' RoPE buffers, which conversion checks against the config (by key suffix)."""
-    return {"rope.inv_freq": np.asarray(rope_inv_freq(config.quantizer.block), np.float32)}
+def release_rope(fixtures: Path) -> dict[str, np.ndarray]:
+    """The query transformers' RoPE buffers as the reference made them (torch's float32 tables, which
+    conversion checks against the config by key suffix): ``release_rope64``'s, rotary dim 64 as the release."""
+    from almtok_jax.torch_io import open_state_dict
+
+    state = open_state_dict(fixtures / "release_rope64" / "ep5.checkpoint", select="model")
+    return {"rope.inv_freq": np.asarray(state["encoder_transformers.0.rope.inv_freq"].read(), np.float32)}
 
 
 class Values:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -14,6 +15,7 @@ from conftest import AUDIO, FIXTURES
 import convert_torch_weights
 import infer
 from almtok_jax.flow.cfm import RELEASE_SAMPLER
+from almtok_jax.golden.runner import fixture_atols
 from almtok_jax.tokenizer import ALMTokenizer2, flatten, unflatten
 
 RELEASE = FIXTURES / "release_tiny"
@@ -57,6 +59,24 @@ def test_infer_release_mode_reproduces_the_reference(checkpoint, expected, tmp_p
     wave, sr = sf.read(tmp_path / "out" / f"{clip}.wav", dtype="float32")
     assert sr == 24000
     np.testing.assert_allclose(wave, expected[f"out/wave_{clip}"][0], rtol=0, atol=6e-6)
+
+
+def test_release_with_real_query_heads_converts_without_config_and_reproduces_the_reference(tmp_path):
+    """``release_rope64``: 128-wide query heads (RoPE dim 64), whose torch-made ``inv_freq`` buffers a
+    float32 pow misses by 2 ulp; converted with no ``--config``, release mode gives the reference's codes."""
+    release = FIXTURES / "release_rope64"
+    expected = np.load(release / "expected.npz")
+    atol = fixture_atols(json.loads(str(expected["meta"])), ["wave_speech"])["wave_speech"]
+    out = tmp_path / "rope64"
+    assert convert_torch_weights.main(["--release", str(release), "--out", str(out)]) == 0
+    wav_in = tmp_path / "speech.wav"
+    sf.write(wav_in, expected["in/audio_speech"].T, int(expected["in/sr_speech"]), subtype="FLOAT")
+    np.save(tmp_path / "noise.npy", _x0(expected, "speech", expected["out/dec_latents_speech"].shape[0]))
+    assert infer.main(["--checkpoint", str(out), str(wav_in), "-o", str(tmp_path / "out"), "--compat", "release",
+                       "--steps", str(int(expected["in/num_steps"])), "--noise", str(tmp_path / "noise.npy")]) == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "out" / "speech.codes.npy"), expected["out/codes_speech"][0])
+    wave, _ = sf.read(tmp_path / "out" / "speech.wav", dtype="float32")
+    np.testing.assert_allclose(wave, expected["out/wave_speech"][0], rtol=0, atol=atol)
 
 
 def test_default_mode_long_music_keeps_the_input_length(tok):

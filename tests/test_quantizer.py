@@ -10,7 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import FIXTURES
 
+from almtok_jax import layers
 from almtok_jax.golden.configs import quantizer_config
 from almtok_jax.quantizer import (
     BlockConfig,
@@ -162,13 +164,40 @@ def test_invalid_block_config():
         BlockConfig(dim=32, dim_heads=16)
 
 
-def test_rope_buffer_check():
-    block = BlockConfig(dim=128, dim_heads=64)
+@pytest.mark.parametrize("dim_heads", [32, 64, 96, 128, 192, 256, 512])
+def test_rope_buffer_check_tells_another_libm_from_another_architecture(dim_heads):
+    block = BlockConfig(dim=2 * dim_heads, dim_heads=dim_heads)  # rotary dims 16 (its floor is 32) .. 256
     good = rope_inv_freq(block)
-    assert good.shape == (16,) and good[0] == 1.0
-    check_rope_buffers({"encoder_transformers.0.rope.inv_freq": good}, block)
-    with pytest.raises(ValueError, match="RoPE"):
-        check_rope_buffers({"encoder_transformers.0.rope.inv_freq": good * 1.5}, block)
+    assert good.shape == (block.rotary_dim // 2,) and good[0] == 1.0
+    key = "encoder_transformers.0.rope.inv_freq"
+    check_rope_buffers({key: good}, block)
+    # a float32 pow (numpy's) is the same formula through another libm: a few ulp away, accepted
+    exponent = np.arange(0, block.rotary_dim, 2, dtype=np.float32) / np.float32(block.rotary_dim)
+    other_libm = np.float32(1) / np.power(np.float32(block.rope_base), exponent)
+    assert layers.ulp_distance(other_libm, good).max() <= 2
+    check_rope_buffers({key: other_libm}, block)
+    for wrong_base in (5000.0, 10001.0):
+        with pytest.raises(ValueError, match=rf"{key} differs from the RoPE table .* ulp \(max \|diff\|"):
+            check_rope_buffers({key: layers.rotary_inv_freq(block.rotary_dim, wrong_base)}, block)
+    with pytest.raises(ValueError, match=rf"{key} has shape \({block.rotary_dim // 2 + 1},\)"):
+        check_rope_buffers({key: layers.rotary_inv_freq(block.rotary_dim + 2, block.rope_base)}, block)
+
+
+@pytest.mark.parametrize("release", ["release_tiny", "release_rope64"])
+def test_model_rope_table_is_the_released_buffer_bit_for_bit(release):
+    from almtok_jax.torch_io import load_state_dict
+
+    state = load_state_dict(FIXTURES / release / "ep5.checkpoint", select="model")
+    buffers = {k: v for k, v in state.items() if k.endswith("rope.inv_freq")}
+    dim = state["encoder_transformers.0.self_attn.q_norm.weight"].shape[0]
+    table = rope_inv_freq(BlockConfig(dim=dim, dim_heads=dim))
+    assert buffers and all(v.dtype == np.float32 and v.tobytes() == table.tobytes() for v in buffers.values())
+
+
+def test_ulp_distance_across_zero_and_signs():
+    a = np.array([0.0, -0.0, 1.0, -1.0, 1e-45], np.float32)
+    b = np.array([1e-45, 1e-45, np.nextafter(np.float32(1), np.float32(2)), -1.0, -1e-45], np.float32)
+    np.testing.assert_array_equal(layers.ulp_distance(a, b), [1, 1, 1, 0, 2])
 
 
 def test_gpt_loss_decreases_when_trained_alone():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import importlib
 import json
 import sys
@@ -131,11 +132,30 @@ def compare(fixture: str, name: str, ours: np.ndarray | None, expected: np.ndarr
     return Result(fixture, name, "FAIL", max_abs, atol, note=f"largest |expected| {scale:.3g}")
 
 
+def fixture_atols(meta: dict, names: Iterable[str]) -> dict[str, float]:
+    """Every output's absolute tolerance: ``meta["atol"]`` where the fixture gives that map, else derived
+    from its ``tolerance`` section (``exact`` patterns of ``out/`` names -> 0, ``per_output[<output>]
+    ["atol_recommended"]`` for ``<output>`` or ``<output>_<clip>``); names neither covers get none."""
+    if "atol" in meta:
+        return meta["atol"]
+    tolerance = meta.get("tolerance", {})
+    per_output = {k: v["atol_recommended"] for k, v in tolerance.get("per_output", {}).items()}
+    atols = {}
+    for name in names:
+        if any(fnmatch.fnmatchcase(f"out/{name}", pattern) for pattern in tolerance.get("exact", ())):
+            atols[name] = 0.0
+            continue
+        output = max((k for k in per_output if name == k or name.startswith(k + "_")), key=len, default=None)
+        if output is not None:
+            atols[name] = per_output[output]
+    return atols
+
+
 def run_fixture(path: str | Path) -> Outcome:
     """Run one fixture file; a missing or failing handler fails every expected output."""
     fx = load_fixture(path)
     label = fx.path.name
-    atols = fx.meta.get("atol", {})
+    atols = fixture_atols(fx.meta, fx.expected)
     outcome = Outcome()
     try:
         with jax.default_matmul_precision("highest"):

@@ -62,18 +62,18 @@ def rope_inv_freq(config: BlockConfig) -> np.ndarray:
 
 
 def check_rope_buffers(state_dict: dict, config: BlockConfig) -> None:
-    """Raise if a checkpoint's ``*.rope.inv_freq`` buffer differs from :func:`rope_inv_freq`.
+    """Raise if a checkpoint's ``*.rope.inv_freq`` buffer is not :func:`rope_inv_freq` up to float32
+    rounding (:func:`~almtok_jax.layers.check_derived_buffer`).
 
-    The buffer is a constant of the architecture; the model recomputes it, so a checkpoint with another
-    rotary base or dim must not load silently.
+    The buffer is a constant of the architecture; the model recomputes it (as torch does, so it equals the
+    released buffers bit for bit), and a checkpoint with another rotary base or dim must not load silently.
     """
     want = rope_inv_freq(config)
     for key, value in state_dict.items():
         if key.endswith("rope.inv_freq"):
-            value = np.asarray(value, np.float32)
-            if value.shape != want.shape or not np.array_equal(value, want):
-                raise ValueError(f"{key} {value.shape} differs from the RoPE table of the config "
-                                 f"(rotary_dim {config.rotary_dim}, base {config.rope_base})")
+            layers.check_derived_buffer(key, np.asarray(value), want,
+                                        f"the RoPE table of the config (rotary_dim {config.rotary_dim}, "
+                                        f"base {config.rope_base})")
 
 
 class QKNormRotaryAttention(nn.Module):
