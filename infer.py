@@ -2,12 +2,12 @@
 
     python infer.py --checkpoint checkpoints/almtokenizer2 INPUT... -o out [...]
 
-The command lives in :mod:`almtok_jax.infer` (installed as ``almtok-infer``); ``--help`` lists its options.
+The command lives in :mod:`almtok_jax.cli.infer` (installed as ``almtok-infer``); ``--help`` lists its options.
 """
 
 import sys
 
-from almtok_jax.infer import main
+from almtok_jax.cli.infer import main
 
 __all__ = ["main"]
 

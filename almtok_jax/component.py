@@ -15,7 +15,7 @@ lists them in the order of the model picture. A component says
   skipped for a shape-only state dict of ``jax.ShapeDtypeStruct``);
 * its architecture: ``derive(key_shapes, base, files)`` (optional) reads the component config off a
   release: the release file that states it (``files``: parsed release files by name, see
-  :mod:`almtok_jax.release`), then the names and shapes of the keys it owns (``key_shapes``: key relative
+  :mod:`almtok_jax.weights.release`), then the names and shapes of the keys it owns (``key_shapes``: key relative
   to ``key_prefix``, weight norm spelled ``weight_g``/``weight_v`` -> shape); numbers neither reveals stay
   as in ``base`` (the release architecture);
 * its variables: :meth:`Component.init` (the module's own initializers, the training init) and

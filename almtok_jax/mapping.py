@@ -117,7 +117,7 @@ def _shape_of(transform: Transform, value) -> jax.ShapeDtypeStruct:
 @dataclass(frozen=True)
 class LazyVariable:
     """One converted variable, not computed yet: ``read()`` reads its source tensors (a
-    :class:`~almtok_jax.torch_io.LazyTensor` reads its bytes only then), applies the rule's transform and,
+    :class:`~almtok_jax.weights.torch_io.LazyTensor` reads its bytes only then), applies the rule's transform and,
     for a stacked variable, writes each layer into its slot of the one ``(L, ...)`` array it allocates.
     ``shape`` and ``dtype`` (the canonical JAX dtype: int64 is stored as int32 unless x64 is enabled) are
     known without reading anything, so a model directory can be written one variable at a time."""

@@ -125,7 +125,7 @@ def convert_checkpoint(model_state: Mapping[str, np.ndarray], codec_state: Mappi
 
     With ``lazy`` the variables are :class:`~almtok_jax.mapping.LazyVariable` leaves: everything is checked,
     but a value is read from the (lazily opened) state dicts only when its variable is read, one variable at a
-    time, e.g. by :func:`~almtok_jax.train.checkpoint.save_model_dir` as it writes it.
+    time, e.g. by :func:`~almtok_jax.weights.model_dir.save_model_dir` as it writes it.
 
     Every key goes to the one component whose key prefix owns it; a key no component owns, a component
     without any key (one line each), a variable no key provides and every shape mismatch are collected over
@@ -238,7 +238,7 @@ def check_model(variables: Mapping, config: ALMTokenizer2Config, where: str | Pa
 def load_model(directory: str | Path) -> tuple[dict, ALMTokenizer2Config]:
     """``(variables as NumPy, config)`` of a model directory (``convert_torch_weights.py`` or a training
     export), its config checked against its weights and itself (:func:`check_model`)."""
-    from almtok_jax.train.checkpoint import load_model_dir  # orbax: only when a directory is read
+    from almtok_jax.weights.model_dir import load_model_dir  # orbax: only when a directory is read
 
     tree, raw = load_model_dir(directory)
     try:

@@ -494,7 +494,7 @@ def check_codec_state(state_dict: Mapping[str, np.ndarray], config: SQCodecConfi
 def derive_sqcodec(key_shapes: KeyShapes, base: SQCodecConfig, files: ReleaseFiles) -> SQCodecConfig:
     """``generator.config`` of ``sq_config.yaml``, which states all 13 fields (the shapes are checked against it
     by :func:`check_sqcodec_checkpoint` at conversion)."""
-    from almtok_jax.release import sq_config_from_section  # the release reader imports this module
+    from almtok_jax.weights.release import sq_config_from_section  # the release reader imports this module
 
     del key_shapes, base
     return sq_config_from_section(files[SQ_CONFIG], f"{SQ_CONFIG}: generator.config")

@@ -41,7 +41,7 @@ def write_full_release(folder: Path) -> float:
 
 
 def child_convert(workdir: Path) -> dict:
-    from almtok_jax.convert import main
+    from almtok_jax.cli.convert import main
 
     before, start = current_rss_mib(), time.perf_counter()
     code = main(["--release", str(workdir / "release"), "--out", str(workdir / "model"), "--force"])

@@ -6,7 +6,7 @@ Run by hand from the repo root (not in CI; the full size takes minutes on a smal
     python benchmarks/bench_tokenize.py --out tokenize.json [--sizes tiny full] [--tiny-batch 1 8]
                                         [--full-batch 1 2] [--repeats 3]
 
-What runs is the tokenizer's device step, :func:`almtok_jax.tokenize.sharded_encode_codes`: ``(B, S)``
+What runs is the tokenizer's device step, :func:`almtok_jax.cli.tokenize.sharded_encode_codes`: ``(B, S)``
 12 s segments -> codes, ``B`` split over a one-axis mesh of every local device, on segments of the real
 music in ``../shared/audio/music``, with random weights of the real shapes (``bench_codec.component_variables``).
 ``B = 1`` is what encoding one file of up to 12 s at a time gives; a packed batch is what the tokenizer
@@ -42,7 +42,7 @@ from bench_codec import ENCODE_PARTS, model_config, music_segments, stage_variab
 from bench_dit import matmul_gflops  # noqa: E402
 from common import machine, peak_rss_mib, run_child_process, timed  # noqa: E402
 
-from almtok_jax.tokenize import sharded_encode_codes  # noqa: E402
+from almtok_jax.cli.tokenize import sharded_encode_codes  # noqa: E402
 
 
 def _eqn_flops(eqn) -> float:

@@ -19,7 +19,7 @@ import numpy as np
 import yaml
 
 from almtok_jax.component import DIT_CONFIG, SQ_CONFIG, WHISPER_CONFIG
-from almtok_jax.release import read_sq_section
+from almtok_jax.weights.release import read_sq_section
 from tests.torch_zip import write_reference_checkpoint
 
 Shapes = dict[str, tuple[int, ...]]
@@ -56,7 +56,7 @@ def wide_dit_shapes(fixtures: Path, blocks: int) -> tuple[Shapes, Shapes, dict]:
     """The tiny release with the release's DiT width (24 heads x 64) and ``blocks`` blocks in place of its
     own DiT: ``(model shapes, codec shapes, release files)``. The other components keep the tiny shapes
     (their values come from the tiny release, see :func:`tiny_values`)."""
-    from almtok_jax.torch_io import open_state_dict
+    from almtok_jax.weights.torch_io import open_state_dict
 
     tiny = fixtures / "release_tiny"
     model = {k: t.shape for k, t in open_state_dict(tiny / "ep5.checkpoint", select="model").items()}
@@ -79,7 +79,7 @@ def wide_dit_shapes(fixtures: Path, blocks: int) -> tuple[Shapes, Shapes, dict]:
 
 def tiny_values(fixtures: Path) -> dict[str, np.ndarray]:
     """Every tensor of the tiny release (model and SQ codec), by key."""
-    from almtok_jax.torch_io import load_state_dict
+    from almtok_jax.weights.torch_io import load_state_dict
 
     tiny = fixtures / "release_tiny"
     return {**load_state_dict(tiny / "ep5.checkpoint", select="model"),
@@ -89,7 +89,7 @@ def tiny_values(fixtures: Path) -> dict[str, np.ndarray]:
 def release_rope(fixtures: Path) -> dict[str, np.ndarray]:
     """The query transformers' RoPE buffers as the reference made them (torch's float32 tables, which
     conversion checks against the config by key suffix): ``release_rope64``'s, rotary dim 64 as the release."""
-    from almtok_jax.torch_io import open_state_dict
+    from almtok_jax.weights.torch_io import open_state_dict
 
     state = open_state_dict(fixtures / "release_rope64" / "ep5.checkpoint", select="model")
     return {"rope.inv_freq": np.asarray(state["encoder_transformers.0.rope.inv_freq"].read(), np.float32)}

@@ -26,7 +26,7 @@ from almtok_jax.model import (
 )
 from almtok_jax.sqcodec import SQCODEC
 from almtok_jax.tokenizer import ALMTokenizer2
-from almtok_jax.train.checkpoint import save_model_dir
+from almtok_jax.weights.model_dir import save_model_dir
 
 TINY = load_model_config(REPO / "configs" / "tiny_release.yaml")
 KEYS = FIXTURES / "release_full_keys"

@@ -16,8 +16,8 @@ from conftest import FIXTURES, REPO
 from flax import traverse_util
 
 from almtok_jax.model import convert_checkpoint, load_model
-from almtok_jax.release import read_release
-from almtok_jax.torch_io import load_state_dict
+from almtok_jax.weights.release import read_release
+from almtok_jax.weights.torch_io import load_state_dict
 from tests.synthetic_release import Values, tiny_values, wide_dit_shapes, write_release
 
 DIT_BLOCKS = 4  # ~650 MB of tensors; the largest variable (a stacked feed-forward kernel) is 150 MB of it
@@ -27,7 +27,7 @@ DIT_BLOCKS = 4  # ~650 MB of tensors; the largest variable (a stacked feed-forwa
 # before and its peak RSS during that conversion alone (VmHWM of /proc/self/status, reset through clear_refs).
 CHILD = """
 import json, sys
-from almtok_jax.convert import main
+from almtok_jax.cli.convert import main
 
 def status(field):
     line = next(x for x in open("/proc/self/status") if x.startswith(field + ":"))

@@ -246,10 +246,10 @@ def test_readme_main_job_commands_run_offline(tmp_path):
 
 
 def test_evaluate_the_tiny_release_model(checkpoint, tmp_path):
-    """``python -m almtok_jax.evaluate`` with a real converted checkpoint writes CSV, JSON and PNGs."""
+    """``python -m almtok_jax.cli.evaluate`` with a real converted checkpoint writes CSV, JSON and PNGs."""
     import json
 
-    from almtok_jax import evaluate
+    from almtok_jax.cli import evaluate
 
     data = tmp_path / "clips"
     data.mkdir()

@@ -16,7 +16,7 @@ import pytest
 import soundfile as sf
 from conftest import AUDIO, REPO
 
-from almtok_jax import evaluate
+from almtok_jax.cli import evaluate
 
 CLIPS = ("p225_001", "p231_001")  # the two shortest speech clips
 
@@ -38,7 +38,7 @@ def read_outputs(out: Path) -> tuple[list[dict[str, str]], dict]:
 
 def test_identical_folders_from_the_command_line(references, tmp_path):
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "almtok_jax.evaluate", "--references-only", str(references), str(references),
+    cmd = [sys.executable, "-m", "almtok_jax.cli.evaluate", "--references-only", str(references), str(references),
            "-o", str(out), "--plots", "1"]
     subprocess.run(cmd, cwd=REPO, check=True, capture_output=True)
     rows, summary = read_outputs(out)

@@ -185,7 +185,7 @@ def test_rope_buffer_check_tells_another_libm_from_another_architecture(dim_head
 
 @pytest.mark.parametrize("release", ["release_tiny", "release_rope64"])
 def test_model_rope_table_is_the_released_buffer_bit_for_bit(release):
-    from almtok_jax.torch_io import load_state_dict
+    from almtok_jax.weights.torch_io import load_state_dict
 
     state = load_state_dict(FIXTURES / release / "ep5.checkpoint", select="model")
     buffers = {k: v for k, v in state.items() if k.endswith("rope.inv_freq")}

@@ -23,8 +23,8 @@ from almtok_jax.experts.whisper import WHISPER
 from almtok_jax.mapping import MappingError, Rule, convert_state_dict, linear
 from almtok_jax.model import COMPONENTS, abstract_variables, convert_checkpoint, derive_config
 from almtok_jax.quantizer.query import QUANTIZER
-from almtok_jax.release import checkpoint_order, newest_checkpoint, read_release, select_checkpoint
-from almtok_jax.torch_io import load_state_dict
+from almtok_jax.weights.release import checkpoint_order, newest_checkpoint, read_release, select_checkpoint
+from almtok_jax.weights.torch_io import load_state_dict
 from tests.synthetic_release import FULL_FILES, full_size_shapes
 
 RELEASE = FIXTURES / "release_tiny"

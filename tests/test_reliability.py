@@ -23,11 +23,11 @@ from conftest import AUDIO, FIXTURES, REPO
 import convert_torch_weights
 import infer
 import train
-from almtok_jax import evaluate
 from almtok_jax.audio import AudioError, load_audio
+from almtok_jax.cli import evaluate
 from almtok_jax.mapping import MappingError, Rule, convert_state_dict
 from almtok_jax.tokenizer import ALMTokenizer2
-from almtok_jax.train import checkpoint as ckpt_lib
+from almtok_jax.weights import model_dir as ckpt_lib
 
 RELEASE = FIXTURES / "release_tiny"
 TINY = REPO / "configs" / "tiny_release.yaml"

@@ -13,7 +13,6 @@ from conftest import FIXTURES
 
 from almtok_jax.golden.configs import sqcodec_config
 from almtok_jax.mapping import MappingError
-from almtok_jax.release import read_sq_config
 from almtok_jax.sqcodec import (
     SQCODEC,
     SQCodec,
@@ -24,7 +23,8 @@ from almtok_jax.sqcodec import (
     sq_decode,
     sq_encode,
 )
-from almtok_jax.torch_io import load_state_dict
+from almtok_jax.weights.release import read_sq_config
+from almtok_jax.weights.torch_io import load_state_dict
 
 CAUSAL_FIXTURE = FIXTURES / "core" / "sqcodec_causal.npz"
 RELEASE = FIXTURES / "release_tiny"

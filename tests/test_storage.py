@@ -24,7 +24,7 @@ import yaml
 from almtok_jax.config import load_model_config, to_dict
 from almtok_jax.model import abstract_variables, split_variables
 from almtok_jax.tokenizer import ALMTokenizer2
-from almtok_jax.train.checkpoint import load_model_dir, save_model_dir
+from almtok_jax.weights.model_dir import load_model_dir, save_model_dir
 
 REPO = Path(__file__).resolve().parents[1]
 AUDIO = Path(os.environ.get("ALMTOK_SHARED", REPO.parent / "shared")).resolve() / "audio"

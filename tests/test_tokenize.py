@@ -1,4 +1,4 @@
-"""Corpus tokenization (``python -m almtok_jax.tokenize``) on the tiny release.
+"""Corpus tokenization (``python -m almtok_jax.cli.tokenize``) on the tiny release.
 
 One uninterrupted in-process run (module fixture) is the reference: its codes are checked against
 ``ALMTokenizer2.encode`` per file, and the 2-process run, the killed-then-resumed run and the run with a
@@ -21,8 +21,8 @@ import pytest
 import soundfile as sf
 from conftest import REPO
 
-from almtok_jax import tokenize
 from almtok_jax.audio import load_audio
+from almtok_jax.cli import tokenize
 from almtok_jax.tokenizer import ALMTokenizer2, flatten
 
 # (name, seconds, sample rate, channels): 1 to 2 segments each, shards of 2 files pack segments of both.
@@ -67,7 +67,7 @@ def _env(tmp_path_factory) -> dict[str, str]:
 
 def _start(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
     with open(log, "wb") as f:
-        return subprocess.Popen([sys.executable, "-m", "almtok_jax.tokenize", *argv], cwd=REPO, env=env,
+        return subprocess.Popen([sys.executable, "-m", "almtok_jax.cli.tokenize", *argv], cwd=REPO, env=env,
                                 stdout=f, stderr=subprocess.STDOUT)
 
 

@@ -1,4 +1,4 @@
-"""Tests of the torch-free, code-execution-free checkpoint reader ``almtok_jax.torch_io``."""
+"""Tests of the torch-free, code-execution-free checkpoint reader ``almtok_jax.weights.torch_io``."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from almtok_jax.torch_io import CheckpointError, Opaque, load_checkpoint_tree, load_state_dict, open_state_dict
+from almtok_jax.weights.torch_io import CheckpointError, Opaque, load_checkpoint_tree, load_state_dict, open_state_dict
 from tests.torch_zip import (
     BINPERSID,
     EMPTY_TUPLE,
@@ -512,7 +512,7 @@ def test_open_state_dict_reads_only_the_tensors_asked_for(shared_dir, monkeypatc
     reader's; converting one component reads only that component's kept keys (dropped ones never)."""
     from almtok_jax.config import load_model_config
     from almtok_jax.experts.fusion import FUSION
-    from almtok_jax.torch_io import LazyTensor, load_state_dict, open_state_dict
+    from almtok_jax.weights.torch_io import LazyTensor, load_state_dict, open_state_dict
 
     path = shared_dir / "fixtures/release_tiny/ep5.checkpoint"
     reads: list[tuple[int, ...]] = []

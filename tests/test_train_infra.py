@@ -21,7 +21,6 @@ import pytest
 import soundfile as sf
 from toy_task import toy_task
 
-from almtok_jax.train.checkpoint import load_model_dir, save_model_dir
 from almtok_jax.train.config import DataConfig, OptimizerConfig, ScheduleConfig, TrainConfig
 from almtok_jax.train.data import ProcessRows, make_loader
 from almtok_jax.train.sharding import leaf_spec
@@ -37,6 +36,7 @@ from almtok_jax.train.state import (
     past_horizon_note,
     path_names,
 )
+from almtok_jax.weights.model_dir import load_model_dir, save_model_dir
 
 REPO = Path(__file__).resolve().parents[1]
 AUDIO = Path(os.environ.get("ALMTOK_SHARED", REPO.parent / "shared")).resolve() / "audio"

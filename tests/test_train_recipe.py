@@ -15,8 +15,8 @@ from conftest import AUDIO, REPO
 import train
 from almtok_jax.config import load_model_config
 from almtok_jax.model import init_variables
-from almtok_jax.train.checkpoint import load_model_dir
 from almtok_jax.train.task import task_trees
+from almtok_jax.weights.model_dir import load_model_dir
 
 
 def _train_one_step(config: str, tmp_path, *overrides: str, model: str = "tiny_release"):

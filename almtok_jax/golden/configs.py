@@ -2,7 +2,7 @@
 Hugging Face / diffusers / ResidualVQ keyword dicts stored in it) -> our config dataclasses.
 
 They live with the golden runner because only fixtures speak these formats; production reads presets,
-model directories (:mod:`almtok_jax.config`) and the release's own files (:mod:`almtok_jax.release`).
+model directories (:mod:`almtok_jax.config`) and the release's own files (:mod:`almtok_jax.weights.release`).
 Anything a fixture does not state keeps the released value (the dataclass default); an architecture
 variant this port does not implement is refused.
 """

@@ -23,9 +23,9 @@ from almtok_jax.golden.configs import dit_config, wavlm_config
 from almtok_jax.golden.runner import Fixture
 from almtok_jax.model import convert_checkpoint
 from almtok_jax.pipeline import PipelineConfig, num_segments, num_tokens, plan_windows
-from almtok_jax.release import read_release
 from almtok_jax.sqcodec import round_latents
 from almtok_jax.tokenizer import ALMTokenizer2
+from almtok_jax.weights.release import read_release
 
 
 def config_from_arch(arch: dict) -> ALMTokenizer2Config:

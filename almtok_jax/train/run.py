@@ -35,7 +35,6 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from almtok_jax.config import load_model_config, load_yaml, override, save_yaml, to_dict
-from almtok_jax.train import checkpoint as ckpt_lib
 from almtok_jax.train import data as data_lib
 from almtok_jax.train import sharding as shard_lib
 from almtok_jax.train.config import TrainConfig
@@ -54,6 +53,7 @@ from almtok_jax.train.state import (
     past_horizon_note,
     path_names,
 )
+from almtok_jax.weights import model_dir as ckpt_lib
 
 log = logging.getLogger("almtok_jax.train")
 

@@ -1,6 +1,6 @@
 """Tokenize a corpus: audio files -> ArrayRecord shards of codes for audio-LM training.
 
-    python -m almtok_jax.tokenize --checkpoint DIR --data LIST_OR_FOLDER --out DIR
+    python -m almtok_jax.cli.tokenize --checkpoint DIR --data LIST_OR_FOLDER --out DIR
                                   [--shard-size 256] [--batch-segments B] [--compat default|release]
                                   [--channels mix|separate] [--workers 8] [--min-seconds 0] [--strict]
 
@@ -450,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
-        multihost_utils.sync_global_devices("almtok_jax.tokenize: all shards written")
+        multihost_utils.sync_global_devices("almtok_jax.cli.tokenize: all shards written")
     summary, index = summarize(args.out, shards, tok, settings)
     if jax.process_index() == 0:
         _write_atomic(args.out / "index.jsonl",

@@ -599,7 +599,7 @@ def _c_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
 def _marker_placeholder(obj: Any) -> Opaque:
     """A bare stand-in left in the tree (a storage, dtype or function never applied) as a placeholder."""
     if isinstance(obj, _SafeCallable):
-        return _opaque_class("almtok_jax.torch_io", obj._fn.__name__)()
+        return _opaque_class("almtok_jax.weights.torch_io", obj._fn.__name__)()
     return _opaque_class("torch", type(obj).__name__.lstrip("_"))(obj)
 
 

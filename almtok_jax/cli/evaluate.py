@@ -2,8 +2,8 @@
 
 Two modes::
 
-    python -m almtok_jax.evaluate --checkpoint DIR --data DIR_OR_LIST -o OUT [--batch-size 4] [--save-audio]
-    python -m almtok_jax.evaluate --references-only REF_DIR DEG_DIR -o OUT
+    python -m almtok_jax.cli.evaluate --checkpoint DIR --data DIR_OR_LIST -o OUT [--batch-size 4] [--save-audio]
+    python -m almtok_jax.cli.evaluate --references-only REF_DIR DEG_DIR -o OUT
 
 ``--checkpoint`` tokenizes and detokenizes every clip of ``--data`` (a folder searched recursively, an
 audio file, or a text file with one path per line) with ``ALMTokenizer2.load(DIR)`` and scores the
@@ -374,7 +374,7 @@ def _write_outputs(rows: list[dict[str, Any]], summary: dict[str, Any], out: Pat
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m almtok_jax.evaluate",
+    parser = argparse.ArgumentParser(prog="python -m almtok_jax.cli.evaluate",
                                      description=__doc__.split("\n\n")[0])
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--checkpoint", type=Path, help="tokenizer folder for ALMTokenizer2.load")
@@ -427,6 +427,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"error: no clip could be scored ({summary['files']} files, every one failed or had "
                          f"no match); see {args.output / 'metrics.csv'}")
     return summary
+
+
+def command(argv: Sequence[str] | None = None) -> int:
+    """``almtok-evaluate``: :func:`main` (which returns the summary) as a command."""
+    main(argv)
+    return 0
 
 
 if __name__ == "__main__":

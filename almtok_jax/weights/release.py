@@ -24,7 +24,7 @@ import yaml
 from almtok_jax.component import DIT_CONFIG, SQ_CONFIG, WHISPER_CONFIG
 from almtok_jax.config import ALMTokenizer2Config, from_dict, read_yaml
 from almtok_jax.sqcodec import SQCodecConfig
-from almtok_jax.torch_io import LazyTensor, open_state_dict
+from almtok_jax.weights.torch_io import LazyTensor, open_state_dict
 
 
 class ReleaseError(ValueError):

@@ -31,7 +31,7 @@ def fetch_release(release: str, checkpoint_file: str | None = None) -> Path:
     path = Path(release)
     if path.exists():
         return path
-    from almtok_jax.release import ReleaseError, download_release
+    from almtok_jax.weights.release import ReleaseError, download_release
 
     if release.count("/") != 1 or release.startswith((".", "/")):
         raise ReleaseError(f"release folder {release} does not exist")
@@ -56,8 +56,8 @@ def convert(release: Path, out: Path, config_path: Path | None = None, force: bo
     import yaml
 
     from almtok_jax.model import convert_checkpoint, split_variables
-    from almtok_jax.release import read_release
-    from almtok_jax.train.checkpoint import check_replaceable, save_model_dir
+    from almtok_jax.weights.model_dir import check_replaceable, save_model_dir
+    from almtok_jax.weights.release import read_release
 
     check_replaceable(out, force)  # before the (long) read, not after it
     given = load_model_config(config_path) if config_path is not None else None
@@ -80,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="replace an existing model directory")
     args = parser.parse_args(argv)
     from almtok_jax.mapping import MappingError
-    from almtok_jax.release import ReleaseError
-    from almtok_jax.torch_io import CheckpointError
+    from almtok_jax.weights.release import ReleaseError
+    from almtok_jax.weights.torch_io import CheckpointError
 
     try:
         release = fetch_release(args.release, args.checkpoint_file)
