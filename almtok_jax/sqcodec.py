@@ -53,6 +53,7 @@ from almtok_jax.mapping import (
     conv_transpose1d,
     to_vector,
 )
+from almtok_jax.typed_config import from_dict
 
 Array = jax.Array
 
@@ -491,11 +492,15 @@ def check_codec_state(state_dict: Mapping[str, np.ndarray], config: SQCodecConfi
                       f"block's, as upstream load_state_dict does", stacklevel=2)
 
 
+def sq_config_from_section(section: dict, where: str) -> SQCodecConfig:
+    """:class:`SQCodecConfig` from the ``generator.config`` mapping of a release ``sq_config.yaml``, every field
+    required: upstream splats them into a constructor without defaults (:class:`ConfigError` naming ``where``)."""
+    return from_dict(SQCodecConfig, section, where=where, complete=True)
+
+
 def derive_sqcodec(key_shapes: KeyShapes, base: SQCodecConfig, files: ReleaseFiles) -> SQCodecConfig:
     """``generator.config`` of ``sq_config.yaml``, which states all 13 fields (the shapes are checked against it
     by :func:`check_sqcodec_checkpoint` at conversion)."""
-    from almtok_jax.weights.release import sq_config_from_section  # the release reader imports this module
-
     del key_shapes, base
     return sq_config_from_section(files[SQ_CONFIG], f"{SQ_CONFIG}: generator.config")
 

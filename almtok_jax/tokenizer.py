@@ -25,7 +25,7 @@ from almtok_jax.audio import AudioError, resample, resampled_length
 from almtok_jax.compat import Compat, check_compat
 from almtok_jax.config import ALMTokenizer2Config
 from almtok_jax.flow.cfm import RELEASE_SAMPLER, SamplerConfig
-from almtok_jax.model import decode_latents, encode_segments, generate_latents, load_model, to_device
+from almtok_jax.model import decode_latents, encode_segments, generate_latents
 from almtok_jax.pipeline import (
     PipelineConfig,
     WindowPlan,
@@ -35,6 +35,7 @@ from almtok_jax.pipeline import (
     segment_audio,
     window_codes,
 )
+from almtok_jax.weights.model_dir import load_model, to_device
 
 TOKEN_OFFSET = 10000  # the reference's per-codebook offset in tokenize2 (not the codebook size)
 # Longest code sequence one decode call accepts: 4 h at 12.5 Hz. Every window's latents and waveform are
@@ -105,7 +106,7 @@ class ALMTokenizer2:
     @classmethod
     def load(cls, checkpoint_dir: str | Path, compat: Compat = "default") -> ALMTokenizer2:
         """Load a model directory written by ``convert_torch_weights.py`` or ``train.py --export``; its
-        config is checked against its weights and itself (:func:`~almtok_jax.model.load_model`)."""
+        config is checked against its weights and itself (:func:`~almtok_jax.weights.model_dir.load_model`)."""
         variables, config = load_model(checkpoint_dir)
         return cls(to_device(variables), config, compat)
 

@@ -27,7 +27,6 @@ from almtok_jax.config import load_yaml, override
 from almtok_jax.train import sharding as shard_lib
 from almtok_jax.train.config import TrainConfig
 from almtok_jax.train.state import (
-    build_task,
     decay_mask,
     init_train_state,
     make_optimizer,
@@ -35,6 +34,7 @@ from almtok_jax.train.state import (
     make_train_step,
     path_names,
 )
+from almtok_jax.train.task import build_task
 
 
 def peak_memory_gib() -> dict[str, float]:

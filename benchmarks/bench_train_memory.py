@@ -34,7 +34,6 @@ from almtok_jax.config import load_yaml, override
 from almtok_jax.train import sharding as shard_lib
 from almtok_jax.train.config import TrainConfig
 from almtok_jax.train.state import (
-    build_task,
     decay_mask,
     init_train_state,
     make_optimizer,
@@ -42,6 +41,7 @@ from almtok_jax.train.state import (
     make_train_step,
     path_names,
 )
+from almtok_jax.train.task import build_task
 
 ACCELERATORS = {"tpu_v5e_16GB": 16e9, "h100_80GB": 80e9}
 GIB = 2**30

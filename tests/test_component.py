@@ -16,17 +16,11 @@ from conftest import FIXTURES, REPO
 from almtok_jax.component import CODEC_STATE, MODEL_STATE
 from almtok_jax.config import load_model_config, to_dict
 from almtok_jax.mapping import MappingError
-from almtok_jax.model import (
-    COMPONENTS,
-    FROZEN,
-    ModelDirError,
-    abstract_variables,
-    convert_checkpoint,
-    split_variables,
-)
+from almtok_jax.model import COMPONENTS, FROZEN, abstract_variables
 from almtok_jax.sqcodec import SQCODEC
 from almtok_jax.tokenizer import ALMTokenizer2
-from almtok_jax.weights.model_dir import save_model_dir
+from almtok_jax.weights.convert import convert_checkpoint
+from almtok_jax.weights.model_dir import ModelDirError, save_model_dir, split_variables
 
 TINY = load_model_config(REPO / "configs" / "tiny_release.yaml")
 KEYS = FIXTURES / "release_full_keys"

@@ -15,7 +15,8 @@ import pytest
 from conftest import FIXTURES, REPO
 from flax import traverse_util
 
-from almtok_jax.model import convert_checkpoint, load_model
+from almtok_jax.weights.convert import convert_checkpoint
+from almtok_jax.weights.model_dir import load_model
 from almtok_jax.weights.release import read_release
 from almtok_jax.weights.torch_io import load_state_dict
 from tests.synthetic_release import Values, tiny_values, wide_dit_shapes, write_release

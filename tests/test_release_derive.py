@@ -21,8 +21,9 @@ from almtok_jax.component import DIT_CONFIG, SQ_CONFIG, WHISPER_CONFIG, DeriveEr
 from almtok_jax.config import ALMTokenizer2Config, load_model_config
 from almtok_jax.experts.whisper import WHISPER
 from almtok_jax.mapping import MappingError, Rule, convert_state_dict, linear
-from almtok_jax.model import COMPONENTS, abstract_variables, convert_checkpoint, derive_config
+from almtok_jax.model import COMPONENTS, abstract_variables
 from almtok_jax.quantizer.query import QUANTIZER
+from almtok_jax.weights.convert import convert_checkpoint, derive_config
 from almtok_jax.weights.release import checkpoint_order, newest_checkpoint, read_release, select_checkpoint
 from almtok_jax.weights.torch_io import load_state_dict
 from tests.synthetic_release import FULL_FILES, full_size_shapes

@@ -22,9 +22,9 @@ import pytest
 import yaml
 
 from almtok_jax.config import load_model_config, to_dict
-from almtok_jax.model import abstract_variables, split_variables
+from almtok_jax.model import abstract_variables
 from almtok_jax.tokenizer import ALMTokenizer2
-from almtok_jax.weights.model_dir import load_model_dir, save_model_dir
+from almtok_jax.weights.model_dir import load_model_dir, save_model_dir, split_variables
 
 REPO = Path(__file__).resolve().parents[1]
 AUDIO = Path(os.environ.get("ALMTOK_SHARED", REPO.parent / "shared")).resolve() / "audio"

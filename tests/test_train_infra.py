@@ -26,16 +26,15 @@ from almtok_jax.train.data import ProcessRows, make_loader
 from almtok_jax.train.sharding import leaf_spec
 from almtok_jax.train.state import (
     Task,
-    build_task,
     decay_mask,
     init_train_state,
-    is_task_reference,
     make_optimizer,
     make_schedule,
     make_train_step,
     past_horizon_note,
     path_names,
 )
+from almtok_jax.train.task import build_task, is_task_reference
 from almtok_jax.weights.model_dir import load_model_dir, save_model_dir
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,7 +1,7 @@
 """The training tests' stand-in task: a tiny conv autoencoder on the waveform with an EMA codebook.
 
 Used by ``tests/test_train_infra.py`` (``toy_task()``) and by ``configs/train_toy.yaml``
-(``model: tests.toy_task:toy_task``, :func:`almtok_jax.train.state.build_task` calls it with the train
+(``model: tests.toy_task:toy_task``, :func:`almtok_jax.train.task.build_task` calls it with the train
 config). Runs in seconds on CPU. Its metrics are ``loss_recon`` (normalised reconstruction MSE) and
 ``loss_commit`` (codebook commitment).
 """

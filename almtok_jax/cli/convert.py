@@ -55,8 +55,8 @@ def convert(release: Path, out: Path, config_path: Path | None = None, force: bo
     """Read, validate and write; returns the output folder."""
     import yaml
 
-    from almtok_jax.model import convert_checkpoint, split_variables
-    from almtok_jax.weights.model_dir import check_replaceable, save_model_dir
+    from almtok_jax.weights.convert import convert_checkpoint
+    from almtok_jax.weights.model_dir import check_replaceable, save_model_dir, split_variables
     from almtok_jax.weights.release import read_release
 
     check_replaceable(out, force)  # before the (long) read, not after it

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import flax.linen as nn
 import jax
@@ -27,14 +26,12 @@ import jax.numpy as jnp
 from almtok_jax import mapping
 from almtok_jax.compat import Compat, check_compat
 from almtok_jax.component import Component, KeyShapes, ReleaseFiles, shape_of, shapes
+from almtok_jax.experts import ExpertsConfig
 from almtok_jax.experts.musicfm import num_output_frames as musicfm_frames
 from almtok_jax.experts.wavlm import num_output_frames as wavlm_frames
 from almtok_jax.experts.whisper import whisper_frame_rate, whisper_n_len
 from almtok_jax.layers import Conv1d, Linear
 from almtok_jax.mapping import Rule
-
-if TYPE_CHECKING:
-    from almtok_jax.config import ExpertsConfig
 
 Array = jax.Array
 DOWNSAMPLE = 2  # kernel and stride of d_conv_whisper / d_conv_wavlm (50 Hz -> 25 Hz)

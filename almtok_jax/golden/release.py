@@ -21,10 +21,10 @@ from almtok_jax.config import (
 from almtok_jax.experts.whisper import config_from_hf
 from almtok_jax.golden.configs import dit_config, wavlm_config
 from almtok_jax.golden.runner import Fixture
-from almtok_jax.model import convert_checkpoint
 from almtok_jax.pipeline import PipelineConfig, num_segments, num_tokens, plan_windows
 from almtok_jax.sqcodec import round_latents
 from almtok_jax.tokenizer import ALMTokenizer2
+from almtok_jax.weights.convert import convert_checkpoint
 from almtok_jax.weights.release import read_release
 
 

@@ -37,14 +37,13 @@ from jax.sharding import NamedSharding, PartitionSpec
 from almtok_jax.config import load_model_config, load_yaml, override, save_yaml, to_dict
 from almtok_jax.train import data as data_lib
 from almtok_jax.train import sharding as shard_lib
+from almtok_jax.train.checkpointer import Checkpointer, abstract_with_shardings, export_params
 from almtok_jax.train.config import TrainConfig
 from almtok_jax.train.reporting import TrainLogger, setup_console
 from almtok_jax.train.state import (
     Task,
-    build_task,
     decay_mask,
     init_train_state,
-    is_task_reference,
     make_eval_step,
     make_optimizer,
     make_schedule,
@@ -53,7 +52,8 @@ from almtok_jax.train.state import (
     past_horizon_note,
     path_names,
 )
-from almtok_jax.weights import model_dir as ckpt_lib
+from almtok_jax.train.task import build_task, is_task_reference
+from almtok_jax.weights.model_dir import location
 
 log = logging.getLogger("almtok_jax.train")
 
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     shard_lib.maybe_initialize_distributed(args.multihost)
     with reported_as_user_error():
         config = override(load_yaml(TrainConfig, args.config), args.overrides)
-    workdir = ckpt_lib.location(args.workdir)
+    workdir = location(args.workdir)
     prepare_workdir(workdir, args.resume, args.overwrite)
     primary = jax.process_index() == 0
     if primary:
@@ -178,12 +178,12 @@ def main(argv: list[str] | None = None) -> None:
     batch_sh = {k: shard_lib.batch_sharding(mesh) for k in batch_shapes}
     replicated = NamedSharding(mesh, PartitionSpec())
 
-    checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", config.checkpoint)
+    checkpointer = Checkpointer(workdir / "checkpoints", config.checkpoint)
     resume = args.resume and checkpointer.latest_step() is not None
     with reported_as_user_error():  # a broken or mismatched model directory
         state, frozen = starting_point(task, config, init, optimizer, state_sh, frozen_sh, with_state=not resume)
     if resume:
-        target = ckpt_lib.abstract_with_shardings(abstract_state, state_sh)
+        target = abstract_with_shardings(abstract_state, state_sh)
         with reported_as_user_error():  # no checkpoint reads back
             state = checkpointer.restore(target)
         log.info("resumed from step %d", int(state.step))
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
         hooks(step, state, frozen, batch)
     checkpointer.close()
     if args.export:
-        ckpt_lib.export_params(args.export, state.trainable, frozen, model_config_text(config),
+        export_params(args.export, state.trainable, frozen, model_config_text(config),
                                extra=state.extra)
     logger.close()
 

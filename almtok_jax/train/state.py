@@ -5,15 +5,12 @@ computes the loss. Only the ``trainable`` tree is differentiated and has optimiz
 (experts, SQ codec) is an input of the step; ``extra`` (e.g. the RVQ codebook EMA state) is replaced by
 the loss function's output, never by the optimizer (spec ``02-quantizer.md`` §8, ``04`` B.7-B.9).
 
-:func:`build_task` selects the task from ``TrainConfig.model``: a model preset path handed to
-``almtok_jax.train.task.train_task(model_config_path, config) -> Task``, or a ``"module:function"`` task
-factory (the tests' stand-in task is ``tests.toy_task:toy_task``). The step logs whatever metrics the
-task's loss returns, plus ``loss``, ``grad_norm``, ``lr`` and the skip counters.
+:func:`almtok_jax.train.task.build_task` selects the task from ``TrainConfig.model``. The step logs whatever
+metrics the task's loss returns, plus ``loss``, ``grad_norm``, ``lr`` and the skip counters.
 """
 
 from __future__ import annotations
 
-import importlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -227,27 +224,3 @@ def init_train_state(task: Task, optimizer: optax.GradientTransformation, seed: 
     it with shardings)."""
     trainable, frozen, extra = task.init_fn(jax.random.fold_in(jax.random.key(seed), 0), batch)
     return new_train_state(trainable, extra, optimizer, seed), frozen
-
-
-def is_task_reference(model: str) -> bool:
-    """Whether ``TrainConfig.model`` names a task factory (``"package.module:function"``), not a preset."""
-    module, sep, function = model.partition(":")
-    return bool(sep) and all(part.isidentifier() for part in module.split(".")) and function.isidentifier()
-
-
-def build_task(model: str | Task, config: TrainConfig) -> Task:
-    """The training task: a :class:`Task` as is; ``"package.module:function"`` -> ``function(config)``
-    (a task defined outside the package, e.g. the tests' ``tests.toy_task:toy_task``; the module is
-    imported, so the name is trusted like the command line); otherwise a model preset path ->
-    :func:`almtok_jax.train.task.train_task`."""
-    if isinstance(model, Task):
-        return model
-    if is_task_reference(model):
-        module, _, function = model.partition(":")
-        task = getattr(importlib.import_module(module), function)(config)
-        if not isinstance(task, Task):
-            raise TypeError(f"{model} returned {type(task).__name__}, not a Task")
-        return task
-    from almtok_jax.train.task import train_task  # imports the whole model: only when it is trained
-
-    return train_task(model, config)

@@ -8,7 +8,7 @@ Variable trees of the :class:`~almtok_jax.train.state.Task` (component names as 
 * ``extra``: every other collection of the trained components: ``quantizer/codebook`` (RVQ EMA state,
   replaced by the loss function's output) and ``flow/buffers`` (the DiT position table, passed through).
 
-:func:`~almtok_jax.model.merge_variables` merges the three back into the model's variables;
+:func:`~almtok_jax.weights.model_dir.merge_variables` merges the three back into the model's variables;
 :func:`task_trees` splits them.
 
 One training step on a batch ``wav (B, S)`` at 24 kHz with ``length (B,)`` valid samples: the frozen
@@ -32,6 +32,7 @@ the reference, where ``pre_norm``/``ff_norm`` are identities and no DiT paramete
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -44,7 +45,6 @@ from almtok_jax.flow.cfm import estimator_variables, flow_matching_loss, sample_
 from almtok_jax.flow.dit import DiTEstimator
 from almtok_jax.model import (
     FROZEN,
-    check_model,
     components,
     decode_latents,
     encode_segments,
@@ -52,14 +52,13 @@ from almtok_jax.model import (
     fused_features,
     generate_latents,
     init_variables,
-    load_model,
-    merge_variables,
 )
 from almtok_jax.quantizer.gpt import code_predictor, gpt_loss
 from almtok_jax.quantizer.query import train_forward
 from almtok_jax.sqcodec import SQCodec
 from almtok_jax.train.config import TrainConfig
 from almtok_jax.train.state import Batch, Params, Task, path_names
+from almtok_jax.weights.model_dir import check_model, load_model, merge_variables
 
 Array = jax.Array
 
@@ -189,3 +188,24 @@ def train_task(model_config_path: str | Path, train_config: TrainConfig) -> Task
     return Task(init_fn=init_fn, loss_fn=loss_fn, reconstruct_fn=reconstruct_fn, param_names=path_names,
                 load_fn=load_fn)
 
+
+def is_task_reference(model: str) -> bool:
+    """Whether ``TrainConfig.model`` names a task factory (``"package.module:function"``), not a preset."""
+    module, sep, function = model.partition(":")
+    return bool(sep) and all(part.isidentifier() for part in module.split(".")) and function.isidentifier()
+
+
+def build_task(model: str | Task, config: TrainConfig) -> Task:
+    """The training task: a :class:`Task` as is; ``"package.module:function"`` -> ``function(config)``
+    (a task defined outside the package, e.g. the tests' ``tests.toy_task:toy_task``; the module is
+    imported, so the name is trusted like the command line); otherwise a model preset path ->
+    :func:`train_task`."""
+    if isinstance(model, Task):
+        return model
+    if is_task_reference(model):
+        module, _, function = model.partition(":")
+        task = getattr(importlib.import_module(module), function)(config)
+        if not isinstance(task, Task):
+            raise TypeError(f"{model} returned {type(task).__name__}, not a Task")
+        return task
+    return train_task(model, config)

@@ -1,15 +1,10 @@
-"""Checkpoints (orbax) and model directories.
-
-Training checkpoints (:class:`Checkpointer`): ``WORKDIR/checkpoints/<step>/`` holds the whole
-:class:`~almtok_jax.train.state.TrainState` (trainable params, optimizer state, extra state, step, RNG,
-skip count); the data stream needs no state of its own (its position is the step, which lets any process
-count resume). Saves are async;
-restores take target shardings, so a checkpoint written on one mesh restores onto another.
-
-Model directories (:func:`save_model_dir` / :func:`load_model_dir`), shared with the weight converter::
+"""Model directories: what the weight converter and a training export write, and what the tokenizer reads::
 
     DIR/params/       orbax PyTree checkpoint of {"frozen": ..., "trainable": ..., ["extra": ...]}
     DIR/config.yaml   the resolved model config
+
+:func:`save_model_dir` / :func:`load_model_dir` write and read them one array at a time;
+:func:`load_model` also checks the config against the weights and itself (:func:`check_model`).
 
 Every location (work directory, checkpoint folder, model directory) is a local path or a URI
 (``gs://bucket/...``, any scheme ``etils.epath`` knows) and goes through :func:`location`: ``epath`` is
@@ -22,9 +17,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import sys
 import time
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -33,16 +31,21 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 import yaml
 from etils import epath
+from flax import traverse_util
 
-from almtok_jax.config import ModelDirError
+from almtok_jax.config import ALMTokenizer2Config, ConfigError, model_config_from_dict
 from almtok_jax.mapping import LazyVariable
-from almtok_jax.train.config import CheckpointConfig
+from almtok_jax.model import FROZEN, abstract_variables
 
-log = logging.getLogger("almtok_jax.train")
+log = logging.getLogger("almtok_jax.weights")
 
 
+class ModelDirError(ValueError):
+    """A model directory is missing, incomplete or unreadable, or its config disagrees with its weights or
+    with itself; the message names the directory and what is wrong."""
 
-def _quiet_closed_loop_reports() -> None:
+
+def quiet_closed_loop_reports() -> None:
     """After a failed orbax read, the reads still in flight finish on a closed event loop and each reports
     ``RuntimeError: Event loop is closed`` as an unraisable exception (dozens of tracebacks after the real
     error). Drop exactly those; every other unraisable exception still reaches the previous hook."""
@@ -63,70 +66,6 @@ def location(path: str | os.PathLike) -> epath.Path:
     """A user-given location as an ``epath.Path``: URIs as given, local paths made absolute (orbax)."""
     path = epath.Path(path)
     return path if "://" in str(path) else path.resolve()
-
-
-class Checkpointer:
-    """``CheckpointManager`` over ``directory`` of the train state (the data position is the step, so the
-    data stream needs no state of its own)."""
-
-    def __init__(self, directory: str | os.PathLike, config: CheckpointConfig):
-        options = ocp.CheckpointManagerOptions(max_to_keep=config.keep, create=True,
-                                               enable_async_checkpointing=config.async_save)
-        self.manager = ocp.CheckpointManager(location(directory), options=options,
-                                             item_names=("state",))
-
-    def latest_step(self) -> int | None:
-        return self.manager.latest_step()
-
-    def save(self, step: int, state: Any) -> None:
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=True)
-
-    def restore(self, abstract_state: Any, step: int | None = None) -> Any:
-        """Restore ``step`` onto the shardings of ``abstract_state`` (``ShapeDtypeStruct``s with
-        ``.sharding``).
-
-        Without ``step``: the newest checkpoint that reads back. An unreadable newer one (a file deleted or
-        cut short) is moved aside to ``<checkpoints>.unreadable/<step>`` with a warning, so training goes on
-        from the newest complete checkpoint and later saves do not meet it again.
-        """
-        if step is not None:
-            return self._restore_step(step, abstract_state)
-        steps = sorted(self.manager.all_steps(), reverse=True)
-        if not steps:
-            raise FileNotFoundError(f"no checkpoint in {self.manager.directory}")
-        for i, candidate in enumerate(steps):
-            try:
-                return self._restore_step(candidate, abstract_state)
-            except Exception as e:  # noqa: BLE001 - any read failure means this checkpoint is unusable
-                _quiet_closed_loop_reports()
-                aside = epath.Path(str(self.manager.directory) + ".unreadable")
-                aside.mkdir(exist_ok=True)
-                name = next(n for n in (str(candidate), *(f"{candidate}-{k}" for k in range(1, 10**6)))
-                            if not (aside / n).exists())
-                (epath.Path(self.manager.directory) / str(candidate)).rename(aside / name)
-                self.manager.reload()
-                following = f"falling back to step {steps[i + 1]}" if i + 1 < len(steps) else "none left"
-                log.warning("checkpoint %d in %s cannot be read (%s: %s); moved to %s; %s", candidate,
-                            self.manager.directory, type(e).__name__, str(e).splitlines()[0][:300], aside,
-                            following)
-        raise FileNotFoundError(f"no readable checkpoint in {self.manager.directory} (unreadable ones moved "
-                                f"to {aside})")
-
-    def _restore_step(self, step: int, abstract_state: Any) -> Any:
-        return self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))[
-            "state"]
-
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
-
-    def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
-
-
-def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
-    """``ShapeDtypeStruct`` per leaf carrying the target sharding (restore target)."""
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
 def is_model_dir(directory: epath.Path) -> bool:
@@ -283,7 +222,7 @@ def save_model_dir(directory: str | os.PathLike, variables: dict, config_yaml_te
     try:
         _write_params(tmp / "params", variables)
     except BaseException:
-        _quiet_closed_loop_reports()
+        quiet_closed_loop_reports()
         if primary:
             _discard(tmp)
         raise
@@ -334,17 +273,115 @@ def load_model_dir(directory: str | os.PathLike) -> tuple[dict, dict]:
     try:
         variables = _restore_numpy(directory / "params")
     except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many types for a damaged checkpoint
-        _quiet_closed_loop_reports()
+        quiet_closed_loop_reports()
         reason = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
         raise ModelDirError(f"{directory}: the weights in params/ cannot be read, a file is missing or damaged "
                             f"({reason}); convert or export the model again") from None
     return variables, config
 
 
-def export_params(directory: str | os.PathLike, state_trainable: Any, frozen: Any, config_yaml_text: str,
-                  extra: Any = None, force: bool = False) -> epath.Path:
-    """Export trained weights as a model directory (:func:`save_model_dir`)."""
-    variables = {"frozen": frozen, "trainable": state_trainable}
-    if extra is not None:
-        variables["extra"] = extra
-    return save_model_dir(directory, variables, config_yaml_text, force=force)
+def split_variables(variables: Mapping) -> dict[str, dict]:
+    """Component variables -> the model-directory layout ``{"frozen": {...}, "trainable": {...}}``."""
+    return {"frozen": {k: v for k, v in variables.items() if k in FROZEN},
+            "trainable": {k: v for k, v in variables.items() if k not in FROZEN}}
+
+
+def merge_variables(tree: Mapping) -> dict[str, dict]:
+    """A model directory's tree (``frozen``, ``trainable`` and, from training, ``extra``) -> component
+    variables; collections of one component spread over several parts are merged."""
+    out: dict[str, dict] = {}
+    for part in ("frozen", "trainable", "extra"):
+        for component, collections in tree.get(part, {}).items():
+            out.setdefault(component, {}).update(collections)
+    return out
+
+
+def variable_problems(variables: Mapping, config: ALMTokenizer2Config,
+                      names: tuple[str, ...] | None = None) -> list[str]:
+    """Every way ``variables`` (component -> collections) differ from what ``config`` builds: a missing or
+    unknown component, a missing or unknown variable, a shape (stored, then config) that differs."""
+    expected = abstract_variables(config, names)
+    selected = {k: v for k, v in variables.items() if names is None or k in names}
+    problems = [f"component {n}: not stored, but the config builds it" for n in expected if n not in selected]
+    problems += [f"component {n}: stored, but the config does not build it" for n in selected if n not in expected]
+    for name in (n for n in expected if n in selected):
+        want = {"/".join(k): tuple(v.shape) for k, v in traverse_util.flatten_dict(expected[name]).items()}
+        got = {"/".join(k): tuple(np.shape(v)) for k, v in traverse_util.flatten_dict(dict(selected[name])).items()}
+        problems += [f"component {name}: {p}: not stored" for p in sorted(set(want) - set(got))]
+        problems += [f"component {name}: {p}: stored, but the config has no such variable"
+                     for p in sorted(set(got) - set(want))]
+        problems += [f"component {name}: {p}: stored shape {got[p]}, the config implies {want[p]}"
+                     for p in sorted(set(want) & set(got)) if got[p] != want[p]]
+    return problems
+
+
+def pipeline_problems(config: ALMTokenizer2Config) -> list[str]:
+    """Every pipeline number that contradicts what the model is built for (frame rates of the SQ codec and
+    the quantizer; window arithmetic of spec 03 §6, B1 and B4; the DiT position table). That every part
+    reads the same sample rate is checked by :class:`~almtok_jax.config.ALMTokenizer2Config` itself."""
+    p, sq = config.pipeline, config.sqcodec
+    problems = []
+    latent_rate = sq.sample_rate / sq.hop_length
+    if not math.isclose(p.latent_rate, latent_rate):
+        problems.append(f"pipeline.latent_rate is {p.latent_rate} but the SQ codec gives {latent_rate} frames/s "
+                        f"({sq.sample_rate} Hz / hop {sq.hop_length})")
+    token_rate = latent_rate / config.quantizer.interval
+    if not math.isclose(p.token_rate, token_rate):
+        problems.append(f"pipeline.token_rate is {p.token_rate} but the quantizer gives {token_rate} tokens/s "
+                        f"({latent_rate} frames/s / interval {config.quantizer.interval})")
+    if problems:
+        return problems  # the window numbers below are meaningless with the wrong rates
+    window, frames = int(p.min_duration * p.token_rate), int(p.min_duration * p.latent_rate)
+    if frames != 2 * window or window < 4:
+        return [f"pipeline.min_duration {p.min_duration} s gives {window} tokens and {frames} latent frames per "
+                "window; it must give at least 4 tokens and exactly twice as many frames (a multiple of 0.08 s)"]
+    overlap = window - (window // 4) * 3
+    if p.prompt_frames > 2 * overlap:
+        problems.append(f"pipeline.prompt_frames {p.prompt_frames} is longer than the {2 * overlap} latent frames "
+                        f"two windows of pipeline.min_duration {p.min_duration} s share (spec 03 §6.3 B1)")
+    if frames > config.dit.num_positional_embeddings:
+        problems.append(f"pipeline.min_duration {p.min_duration} s gives {frames} latent frames per window, more "
+                        f"than dit.num_positional_embeddings {config.dit.num_positional_embeddings}")
+    return problems
+
+
+def _raise(directory: str | Path, what: str, problems: list[str]) -> None:
+    if problems:
+        raise ModelDirError(f"model directory {directory}: {what}:\n  " + "\n  ".join(problems))
+
+
+def check_model(variables: Mapping, config: ALMTokenizer2Config, where: str | Path,
+                names: tuple[str, ...] | None = None) -> None:
+    """Raise :class:`ModelDirError` naming ``where`` unless ``config`` fits ``variables`` (the
+    components ``names``, default all) and its pipeline numbers fit the model."""
+    _raise(where, "config.yaml does not match the stored weights", variable_problems(variables, config, names))
+    _raise(where, "config.yaml pipeline does not match the model", pipeline_problems(config))
+
+
+def load_model(directory: str | Path) -> tuple[dict, ALMTokenizer2Config]:
+    """``(variables as NumPy, config)`` of a model directory (``convert_torch_weights.py`` or a training
+    export), its config checked against its weights and itself (:func:`check_model`)."""
+    tree, raw = load_model_dir(directory)
+    try:
+        config = model_config_from_dict(raw, where="config.yaml")
+    except ConfigError as e:
+        raise ModelDirError(f"model directory {directory}: {e}") from None
+    variables = merge_variables(tree)
+    check_model(variables, config, directory)
+    return variables, config
+
+
+def to_device(variables: dict) -> dict:
+    """Host variables (as :func:`load_model` gives them) moved to the default device, in place, one array
+    at a time: each host array is let go as soon as it is moved, and on the CPU an aligned array (a model
+    directory is read into aligned buffers) is adopted without a copy, so the model is in memory once. The
+    arrays are committed to this process's first device (a multi-device caller places them itself)."""
+    device = jax.local_devices()[0]
+    for name, value in variables.items():
+        if isinstance(value, dict):
+            to_device(value)
+        elif isinstance(value, np.ndarray) and value.flags.c_contiguous and value.flags.writeable:
+            variables[name] = jax.dlpack.from_dlpack(value, device=device)
+        else:
+            variables[name] = jax.device_put(value, device)
+    return variables

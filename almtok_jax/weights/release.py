@@ -22,8 +22,9 @@ from pathlib import Path
 import yaml
 
 from almtok_jax.component import DIT_CONFIG, SQ_CONFIG, WHISPER_CONFIG
-from almtok_jax.config import ALMTokenizer2Config, from_dict, read_yaml
-from almtok_jax.sqcodec import SQCodecConfig
+from almtok_jax.config import ALMTokenizer2Config, read_yaml
+from almtok_jax.sqcodec import SQCodecConfig, sq_config_from_section
+from almtok_jax.weights.convert import derive_config
 from almtok_jax.weights.torch_io import LazyTensor, open_state_dict
 
 
@@ -72,10 +73,6 @@ def read_sq_config(path: str | Path) -> SQCodecConfig:
     """The SQ codec hyper-parameters of a release ``sq_config.yaml``, every one of them required: upstream
     splats them into a constructor without defaults."""
     return sq_config_from_section(read_sq_section(path), f"{path}: generator.config")
-
-
-def sq_config_from_section(section: dict, where: str) -> SQCodecConfig:
-    return from_dict(SQCodecConfig, section, where=where, complete=True)
 
 
 RELEASE_FILES = (SQ_CONFIG, DIT_CONFIG, WHISPER_CONFIG)
@@ -200,11 +197,9 @@ def check_release_configs(folder: Path, files: dict[str, dict], config: ALMToken
 def read_release(folder: str | Path, config: ALMTokenizer2Config | None = None,
                  checkpoint_file: str | Path | None = None) -> Release:
     """Read a release folder and its architecture: ``config`` if given (checked against the release's
-    files), else derived from the release (:func:`almtok_jax.model.derive_config`). ``checkpoint_file``
+    files), else derived from the release (:func:`almtok_jax.weights.convert.derive_config`). ``checkpoint_file``
     names the checkpoint (default: :func:`newest_checkpoint`). Raises :class:`ReleaseError` naming the
     missing or bad file."""
-    from almtok_jax.model import derive_config
-
     folder = Path(folder)
     if not folder.is_dir():
         raise ReleaseError(f"release folder {folder} does not exist")
