@@ -23,6 +23,7 @@ from conftest import REPO
 
 from almtok_jax.audio import load_audio
 from almtok_jax.cli import tokenize
+from almtok_jax.records import codes_dataset, decode_record, encode_record, open_records
 from almtok_jax.tokenizer import ALMTokenizer2, flatten
 
 # (name, seconds, sample rate, channels): 1 to 2 segments each, shards of 2 files pack segments of both.
@@ -82,14 +83,14 @@ def _wait(proc: subprocess.Popen, log: Path) -> None:
 
 def test_shard_codes_equal_per_file_encode(tiny_checkpoint, corpus, reference):
     tok = ALMTokenizer2.load(tiny_checkpoint)
-    records = list(tokenize.open_records(reference))
+    records = list(open_records(reference))
     assert [Path(r["path"]).stem for r in records] == [c[0] for c in CORPUS]
     for r, (_, seconds, rate, _) in zip(records, CORPUS, strict=True):
         wav, sr = load_audio(r["path"])
         np.testing.assert_array_equal(r["codes"], tok.encode(wav, sr), err_msg=r["path"])
         assert r["sample_rate"] == rate == sr and r["duration"] == pytest.approx(seconds)
         assert r["num_tokens"] == r["codes"].shape[1]
-    tokens = tokenize.codes_dataset(reference, tokens=True)
+    tokens = codes_dataset(reference, tokens=True)
     np.testing.assert_array_equal(tokens[3], flatten(records[3]["codes"]))
     header = json.loads((reference / "index.jsonl").read_text().splitlines()[1])
     assert header["shard"] == "shard-00000-of-00003" and header["record"] == 1
@@ -102,16 +103,16 @@ def test_shard_codes_equal_per_file_encode(tiny_checkpoint, corpus, reference):
 
 def test_record_format_round_trip_and_rejects_bad_bytes():
     codes = np.arange(24, dtype="<i2").reshape(8, 3)
-    data = tokenize.encode_record(codes, {"path": "x.wav", "num_tokens": 3})
-    back = tokenize.decode_record(data)
+    data = encode_record(codes, {"path": "x.wav", "num_tokens": 3})
+    back = decode_record(data)
     np.testing.assert_array_equal(back["codes"], codes)
     assert back["path"] == "x.wav" and back["num_tokens"] == 3
     with pytest.raises(ValueError, match="bad magic"):
-        tokenize.decode_record(b"\x80\x04pickle" + data)
+        decode_record(b"\x80\x04pickle" + data)
     with pytest.raises(ValueError, match="bytes of codes"):
-        tokenize.decode_record(data[:-2])
+        decode_record(data[:-2])
     with pytest.raises(ValueError, match="dtype"):
-        tokenize.decode_record(data.replace(b'"<i2"', b'"|O1"'))
+        decode_record(data.replace(b'"<i2"', b'"|O1"'))
 
 
 def test_two_processes_write_the_same_records(tiny_checkpoint, corpus, reference, tmp_path, tmp_path_factory):
@@ -162,8 +163,8 @@ def test_corrupt_file_is_a_failure_and_nothing_else_changes(tiny_checkpoint, cor
     (failure,) = summary["failures"]
     assert failure["path"] == str(bad) and failure["index"] == 6 and "cannot read audio" in failure["reason"]
     strip = [{k: v for k, v in r.items() if k != "codes"} | {"codes": r["codes"].tolist()}
-             for r in tokenize.open_records(out)]
+             for r in open_records(out)]
     expected = [{k: v for k, v in r.items() if k != "codes"} | {"codes": r["codes"].tolist()}
-                for r in tokenize.open_records(reference)]
+                for r in open_records(reference)]
     assert strip == expected
     assert tokenize.main(_args(tiny_checkpoint, listing, out, "--strict")) == 1
