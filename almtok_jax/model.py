@@ -28,7 +28,7 @@ from almtok_jax.component import Component
 from almtok_jax.config import ALMTokenizer2Config
 from almtok_jax.experts.fusion import FUSION, ExpertFusion
 from almtok_jax.experts.musicfm import MUSICFM, MusicFM
-from almtok_jax.experts.wavlm import WAVLM, WavLMExpert
+from almtok_jax.experts.wavlm import WAVLM, WavLMExpert, resample_kernel
 from almtok_jax.experts.whisper import WHISPER, WhisperEncoder, whisper_feature
 from almtok_jax.flow.cfm import (
     FLOW,
@@ -38,6 +38,7 @@ from almtok_jax.flow.cfm import (
     incontext_latents,
     inference_masks,
     sample,
+    zero_condition,
 )
 from almtok_jax.flow.dit import DiTEstimator
 from almtok_jax.quantizer.gpt import GPT
@@ -70,17 +71,12 @@ def init_variables(config: ALMTokenizer2Config, key: Array, names: tuple[str, ..
 # ---------------------------------------------------------------------------------------------- encode
 
 
-def resample_kernel(variables: Mapping) -> Array:
-    """The checkpoint's 24k->16k kernel (``wavlm_transfer.kernel``), shared by Whisper and WavLM."""
-    return variables["wavlm"]["buffers"]["wavlm_transfer"]["kernel"]
-
-
 def expert_streams(variables: Mapping, segments: Array, config: ALMTokenizer2Config) -> tuple[Array, ...]:
     """The frozen experts on segments ``(B, N)`` at 24 kHz: ``(whisper (B, n_len, Dw), wavlm (B, T_w, Dl),
     acoustic, semantic (B, T_b, Db))`` (50, 50, 25, 25 Hz), without gradients."""
     e = config.experts
     rate = e.wavlm.input_sample_rate  # the segments' rate; the shared kernel is WavLM's resampler
-    wav16 = resample(segments, rate, e.logmel.sample_rate, kernel=resample_kernel(variables))
+    wav16 = resample(segments, rate, e.logmel.sample_rate, kernel=resample_kernel(variables["wavlm"]))
     mel = whisper_log_mel(wav16, e.logmel)
     whisper = whisper_feature(WhisperEncoder(e.whisper).apply(variables["whisper"], mel), segments.shape[-1], rate)
     wavlm = WavLMExpert(e.wavlm).apply(variables["wavlm"], segments)
@@ -124,7 +120,7 @@ def generate_latents(variables: Mapping, codes: Array, prompt: Array, prompt_len
     cond = jax.lax.map(lambda row: condition(variables, row[None], config)[0], codes)
     frames = x0.shape[1]
     masks = inference_masks(frames, jnp.full(prompt_len.shape, frames), prompt_len)
-    mu = fill_padding(cond, masks, variables["flow"]["params"]["zero_cond_embedding1"])
+    mu = fill_padding(cond, masks, zero_condition(variables["flow"]))
     estimator = DiTEstimator(config.dit)
     est_vars = estimator_variables(variables["flow"])
     latents, _ = sample(lambda h, t: estimator.apply(est_vars, h, t), mu, incontext_latents(prompt, masks),

@@ -316,6 +316,12 @@ class WavLMExpert(nn.Module):
         return jnp.mean(hidden_states[:, start:stop], axis=1)
 
 
+def resample_kernel(variables: dict) -> Array:
+    """The checkpoint's 24k->16k kernel (``wavlm_transfer.kernel``) out of :class:`WavLMExpert` variables; the
+    Whisper front end resamples with it too."""
+    return variables["buffers"]["wavlm_transfer"]["kernel"]
+
+
 @partial(jax.jit, static_argnames=("config",))
 def wavlm_features(variables: dict, wav24k: Array, config: WavLMConfig) -> Array:
     """Jitted :class:`WavLMExpert`: ``(B, N)`` 24 kHz -> ``(B, T_w, D)`` 50 Hz features."""

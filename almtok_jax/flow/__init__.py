@@ -16,6 +16,7 @@ from almtok_jax.flow.cfm import (
     make_sampler,
     sample,
     sample_loss_draws,
+    zero_condition,
 )
 from almtok_jax.flow.dit import ESTIMATOR_PREFIX, DiTConfig, DiTEstimator, dit_rules, init_shapes
 
@@ -24,5 +25,5 @@ __all__ = [
     "SamplerConfig",
     "cfm_rules", "dit_rules", "estimator_variables", "fill_padding", "flow_matching_loss",
     "incontext_latents", "inference_masks", "init_shapes", "initial_noise", "make_sampler", "sample",
-    "sample_loss_draws",
+    "sample_loss_draws", "zero_condition",
 ]

@@ -62,12 +62,9 @@ def estimator_input(x: Array, prompt: Array, cond: Array) -> Array:
     return jnp.concatenate([x, prompt, cond], axis=-1)
 
 
-SIGMA_MIN = 1e-4  # σ, the flow path's noise floor: one value for training and sampling (spec 03)
-
-
 # ------------------------------------------------------------------------------------------------ loss
 
-SIGMA_MIN = 1e-4  # noise floor of the CFM path; the loss and the sampler must use the same one (spec 03, notation)
+SIGMA_MIN = 1e-4  # σ, the flow path's noise floor: one value for training and sampling (spec 03, notation)
 
 
 @dataclass(frozen=True)
@@ -389,6 +386,12 @@ def cfm_rules(config: DiTConfig) -> list[Rule]:
 def estimator_variables(variables: dict) -> dict:
     """The estimator's own variables out of a :func:`cfm_rules` tree."""
     return {"params": variables["params"]["estimator"], "buffers": variables["buffers"]["estimator"]}
+
+
+def zero_condition(variables: dict) -> Array:
+    """The learned condition of padding frames, ``zero_cond_embedding1 (cond_dim,)``, out of a
+    :func:`cfm_rules` tree (what :func:`fill_padding` puts there)."""
+    return variables["params"]["zero_cond_embedding1"]
 
 
 class ConditionalFlow(nn.Module):

@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 
 from almtok_jax.config import ALMTokenizer2Config, load_model_config
-from almtok_jax.flow.cfm import estimator_variables, flow_matching_loss, sample_loss_draws
+from almtok_jax.flow.cfm import estimator_variables, flow_matching_loss, sample_loss_draws, zero_condition
 from almtok_jax.flow.dit import DiTEstimator
 from almtok_jax.model import (
     FROZEN,
@@ -120,7 +120,7 @@ def training_loss(trainable: Params, frozen: Params, extra: Params, batch: Batch
     estimator = DiTEstimator(config.dit)
     est_vars = estimator_variables(variables["flow"])
     loss_flow, _ = flow_matching_loss(lambda h, t: estimator.apply(est_vars, h, t), latents, cond, masks,
-                                      variables["flow"]["params"]["zero_cond_embedding1"], draws, config.flow_loss,
+                                      zero_condition(variables["flow"]), draws, config.flow_loss,
                                       loss_groups)
     loss_commit = out["commit_loss"].astype(jnp.float32)
     loss_phone = out["phone_loss"].astype(jnp.float32)
