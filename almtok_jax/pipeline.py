@@ -16,7 +16,8 @@ latent prompt, and cross-fades the decoded waveforms. Two modes:
   - B5: encoding segments advance by exactly 12 s (the reference skips 240 samples per segment), the token
     count uses exact integer arithmetic, and decoding can be trimmed to the input length.
 
-All functions here are index arithmetic on NumPy arrays; the networks are passed in.
+All functions here are index arithmetic on NumPy arrays; no network runs here (the tokenizer runs them on
+the segments and windows planned here).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ quantized token, the decoder stack, keep the placeholder slots (``B, interval·N
 from the quantized tokens during training.
 
 Frame counts not divisible by ``interval``: upstream crashes. With the runtime choice ``compat="release"``
-(an argument of the module and of :func:`quantize`, never a config field) they raise a ``ValueError``; the
+(an argument of :class:`QueryQuantizer` and :func:`fit_frames`, never a config field) they raise a ``ValueError``; the
 default mode pads the features by repeating the last frame up to the next multiple of ``interval``
 (so ``N = ceil(T / interval)`` tokens, and the condition has ``interval·N`` frames; callers keep the
 first ``T``).

@@ -7,7 +7,8 @@ default, the file's start with ``crop=start`` like the reference), average the c
 resample to 24 kHz with the reference resampler, and apply the reference ``VolumeNorm`` (B.4: skip if
 ``mean(x^2) < 1e-6``, else gain to a BS.1770 loudness of ``-16 + U(-3, 3)`` LUFS, then ``0.95 / peak`` if
 the peak exceeds 1). Every random draw comes from grain's per-record RNG (seeded by ``TrainConfig.seed``),
-so the stream is a pure function of the seed and the iterator state, which is checkpointed.
+so the stream is a pure function of the seed and the position in it; the position is the step, so the
+iterator has no state of its own to checkpoint.
 
 A clip that cannot be read is logged and replaced by the next one in the list: training never stops on a
 corrupt file. Batches are dicts of NumPy arrays for this host: ``wav`` ``(B_host, S)`` float32 at 24 kHz and
