@@ -21,6 +21,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -165,12 +166,22 @@ def _describe(items: list[str], limit: int = 60) -> str:
     return f"\n    {shown}{more}"
 
 
-def _odd_layers(by_index: Mapping[int, tuple[str, tuple[int, ...], object, Transform]],
+class _Layer(NamedTuple):
+    """One layer of a stacked variable: the checkpoint ``key`` it comes from, its ``shape`` after
+    ``transform``, and the tensor ``value``."""
+
+    key: str
+    shape: tuple[int, ...]
+    value: object
+    transform: Transform
+
+
+def _odd_layers(by_index: Mapping[int, _Layer],
                 layer_shape: tuple[int, ...] | None) -> list[tuple[int, str]]:
     """``(layer index, reason)`` of the layers of a stack whose shape differs from the others'. With the
     model's per-layer shape known, every layer not of that shape (when the layers disagree among
     themselves; a stack uniformly of another shape is reported whole, as a wrong shape)."""
-    shapes = {i: shape for i, (_, shape, _, _) in by_index.items()}
+    shapes = {i: layer.shape for i, layer in by_index.items()}
     if len(set(shapes.values())) == 1:
         return []
     if layer_shape is not None:
@@ -193,7 +204,7 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], rules: Iterable[Rul
     """
     rules = list(rules)
     flat: dict[str, LazyVariable | jax.ShapeDtypeStruct] = {}
-    stacked: dict[str, dict[int, tuple[str, tuple[int, ...], object, Transform]]] = {}
+    stacked: dict[str, dict[int, _Layer]] = {}
     sources: dict[str, str] = {}
     unexpected: list[str] = []
     problems: list[str] = []
@@ -214,9 +225,9 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], rules: Iterable[Rul
         else:
             index = int(groups[rule.stack])
             if index in stacked.get(path, {}):
-                problems.append(f"{path} layer {index}: both {stacked[path][index][0]} and {key} map to it")
+                problems.append(f"{path} layer {index}: both {stacked[path][index].key} and {key} map to it")
             layer_shape = tuple(_shape_of(rule.transform, value).shape)
-            stacked.setdefault(path, {})[index] = (key, layer_shape, value, rule.transform)
+            stacked.setdefault(path, {})[index] = _Layer(key, layer_shape, value, rule.transform)
     want = ({"/".join(k): v for k, v in traverse_util.flatten_dict(dict(expected)).items()}
             if expected is not None else {})
     reported: set[str] = set()  # stacked paths with a problem already listed (not "missing" on top)
@@ -228,11 +239,11 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], rules: Iterable[Rul
             continue
         odd = _odd_layers(by_index, tuple(want[path].shape[1:]) if path in want else None)
         if odd:
-            problems.extend(f"{path}: layer {i} ({by_index[i][0]}) gives {by_index[i][1]}, {reason}"
+            problems.extend(f"{path}: layer {i} ({by_index[i].key}) gives {by_index[i].shape}, {reason}"
                             for i, reason in odd)
             reported.add(path)
             continue
-        flat[path] = _variable([by_index[i][2:] for i in indices], stacked=True)
+        flat[path] = _variable([(by_index[i].value, by_index[i].transform) for i in indices], stacked=True)
     if expected is not None:
         missing = sorted(set(want) - set(flat) - reported)
         extra = sorted(set(flat) - set(want))

@@ -216,20 +216,18 @@ def load_tokenizer(args: argparse.Namespace):
     return tok
 
 
-def encode_job(tok, job: Job, args: argparse.Namespace, progress: Progress) -> tuple[np.ndarray, int | None] | None:
-    """Codes and output length of one input, to decode; ``None`` when done here (``--encode-only``)."""
-    from almtok_jax.audio import load_audio
+def encode_job(tok, job: Job, args: argparse.Namespace) -> tuple[np.ndarray, int | None, float]:
+    """One input's codes ``(Q, T)`` (encoded, or read with ``--decode``), the length to decode them to
+    (``None``: what the codes give, as the reference does) and the seconds of audio read (0 for code files)."""
+    from almtok_jax.audio import load_audio, to_mono
     from almtok_jax.tokenizer import check_codes
 
     if args.decode:
-        return check_codes(load_npy(job.source), tok.num_codebooks, tok.codebook_size, str(job.source)), None
+        return check_codes(load_npy(job.source), tok.num_codebooks, tok.codebook_size, str(job.source)), None, 0.0
     wav, sr = load_audio(job.source)
-    wav24 = tok.to_model_rate(wav.mean(axis=0), sr)
+    wav24 = tok.to_model_rate(to_mono(wav), sr)
     codes = tok.encode_clips([wav24])[0]["codes"]
-    if args.encode_only:
-        save_outputs(tok, job, args, codes, None, progress, len(wav24) / tok.sample_rate)
-        return None
-    return codes, None if args.compat == "release" else len(wav24)
+    return codes, None if args.compat == "release" else len(wav24), len(wav24) / tok.sample_rate
 
 
 def save_outputs(tok, job: Job, args: argparse.Namespace, codes: np.ndarray, wave: np.ndarray | None,
@@ -292,12 +290,14 @@ def run(args: argparse.Namespace) -> int:
         pending: list[tuple[Job, np.ndarray, int | None]] = []  # (job, codes, output length) to decode
         for job in jobs:
             try:
-                item = encode_job(tok, job, args, progress)
+                codes, length, seconds = encode_job(tok, job, args)
+                if args.encode_only:
+                    save_outputs(tok, job, args, codes, None, progress, seconds)
+                    continue
             except Exception as e:  # report the file and go on with the others
                 progress.fail(str(job.source), e)
                 continue
-            if item is not None:
-                pending.append((job, *item))
+            pending.append((job, codes, length))
             if len(pending) >= args.batch_size:
                 decode_batch(tok, pending, args, noise, progress)
                 pending = []

@@ -223,8 +223,7 @@ def main(argv: list[str] | None = None) -> None:
         hooks(step, state, frozen, batch)
     checkpointer.close()
     if args.export:
-        export_params(args.export, state.trainable, frozen, model_config_text(config),
-                               extra=state.extra)
+        export_params(args.export, state.trainable, frozen, model_config_text(config), extra=state.extra)
     logger.close()
 
 
