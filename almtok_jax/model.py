@@ -43,7 +43,7 @@ from almtok_jax.flow.cfm import (
 from almtok_jax.flow.dit import DiTEstimator
 from almtok_jax.quantizer.gpt import GPT
 from almtok_jax.quantizer.query import QUANTIZER, QueryQuantizer
-from almtok_jax.sqcodec import SQCODEC, SQCodec
+from almtok_jax.sqcodec import SQCODEC, sq_decode
 
 Array = jax.Array
 
@@ -131,5 +131,5 @@ def generate_latents(variables: Mapping, codes: Array, prompt: Array, prompt_len
 @partial(jax.jit, static_argnames="config")
 def decode_latents(variables: Mapping, latents: Array, config: ALMTokenizer2Config) -> Array:
     """SQ latents ``(B, T, C)`` (25 Hz) -> waveform ``(B, T * 960)`` at 24 kHz (quantized first)."""
-    wav = SQCodec(config.sqcodec).apply(variables["sqcodec"], latents, method=SQCodec.decode)
+    wav = sq_decode(variables["sqcodec"], latents, config.sqcodec)
     return wav[..., 0]

@@ -12,7 +12,6 @@ from almtok_jax.flow.cfm import (
     flow_matching_loss,
     incontext_latents,
     inference_masks,
-    initial_noise,
     make_sampler,
     sample,
     sample_loss_draws,
@@ -24,6 +23,6 @@ __all__ = [
     "FLOW", "ConditionalFlow", "DiTConfig", "DiTEstimator", "ESTIMATOR_PREFIX", "FlowLossConfig", "FlowLossDraws",
     "SamplerConfig",
     "cfm_rules", "dit_rules", "estimator_variables", "fill_padding", "flow_matching_loss",
-    "incontext_latents", "inference_masks", "init_shapes", "initial_noise", "make_sampler", "sample",
+    "incontext_latents", "inference_masks", "init_shapes", "make_sampler", "sample",
     "sample_loss_draws", "zero_condition",
 ]

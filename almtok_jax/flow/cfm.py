@@ -358,7 +358,8 @@ def make_sampler(model: DiTEstimator, config: SamplerConfig, trace: bool = False
                  ) -> Callable[..., tuple[Array, dict[str, Array] | None]]:
     """A jit-compiled sampler ``run(variables, cond, prompt, prompt_len, x0) -> (latents, trajectory)``.
 
-    One compilation per input shape; the whole loop runs on device. Draw ``x0`` with :func:`initial_noise`.
+    One compilation per input shape; the whole loop runs on device. ``x0`` is standard-normal float32 noise
+    (upstream ``prepare_latents``, temperature 1).
     """
 
     @jax.jit
@@ -366,11 +367,6 @@ def make_sampler(model: DiTEstimator, config: SamplerConfig, trace: bool = False
         return sample(lambda h, t: model.apply(variables, h, t), cond, prompt, prompt_len, x0, config, trace)
 
     return run
-
-
-def initial_noise(key: Array, shape: tuple[int, int, int]) -> Array:
-    """Standard-normal ``x0 (B, T, C)`` float32 (upstream ``prepare_latents``, temperature 1)."""
-    return jax.random.normal(key, shape, jnp.float32)
 
 
 # ------------------------------------------------------------------------------------------- weights

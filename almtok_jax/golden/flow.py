@@ -19,6 +19,7 @@ from almtok_jax.flow.cfm import (
     incontext_latents,
     inference_masks,
     make_sampler,
+    zero_condition,
 )
 from almtok_jax.flow.dit import (
     ESTIMATOR_PREFIX,
@@ -72,7 +73,7 @@ def flow_loss(fx: Fixture) -> dict[str, np.ndarray]:
     def run(variables, latents, cond, masks, draws):
         est = estimator_variables(variables)
         return flow_matching_loss(lambda h, t: model.apply(est, h, t), latents, cond, masks,
-                                  variables["params"]["zero_cond_embedding1"], draws, loss_config)
+                                  zero_condition(variables), draws, loss_config)
 
     outputs = {}
     for case in _cases(fx, "latents"):
@@ -99,7 +100,7 @@ def sampler(fx: Fixture) -> dict[str, np.ndarray]:
     sigma_min = fx.config.get("sigma_min", RELEASE_SAMPLER.sigma_min)
     variables = _flow_variables(fx, config)
     est = estimator_variables(variables)
-    zero_cond = variables["params"]["zero_cond_embedding1"]
+    zero_cond = zero_condition(variables)
     model = DiTEstimator(config)
     # The sampler fixture holds only the quantizer's decoding half (codes → condition).
     q_config = quantizer_config(fx.config)

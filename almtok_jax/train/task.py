@@ -55,7 +55,7 @@ from almtok_jax.model import (
 )
 from almtok_jax.quantizer.gpt import code_predictor, gpt_loss
 from almtok_jax.quantizer.query import train_forward
-from almtok_jax.sqcodec import SQCodec
+from almtok_jax.sqcodec import sq_encode
 from almtok_jax.train.config import TrainConfig
 from almtok_jax.train.state import Batch, Params, Task, path_names
 from almtok_jax.weights.model_dir import check_model, load_model, merge_variables
@@ -107,9 +107,8 @@ def training_loss(trainable: Params, frozen: Params, extra: Params, batch: Batch
     k_vq, k_flow = jax.random.split(rng)
     streams = expert_streams(variables, wav, config)
     features, wavlm = fused_features(variables, streams, config), streams[1]
-    sq = SQCodec(config.sqcodec)
-    latents = jax.lax.stop_gradient(sq.apply(frozen["sqcodec"], wav[..., None].astype(features.dtype),
-                                             method=SQCodec.encode)).astype(jnp.float32)
+    latents = jax.lax.stop_gradient(sq_encode(frozen["sqcodec"], wav.astype(features.dtype), config.sqcodec))
+    latents = latents.astype(jnp.float32)
     out, codebook = train_forward(trainable["quantizer"]["params"], extra["quantizer"]["codebook"], features,
                                   config.quantizer, k_vq, wavlm_target=wavlm)
     frames = min(out["cond"].shape[1], latents.shape[1])
