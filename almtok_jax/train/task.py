@@ -82,7 +82,7 @@ def directory_variables(directory: str | Path, config: ALMTokenizer2Config,
                         names: tuple[str, ...] | None = None) -> dict:
     """Model variables (NumPy) of a model directory (``convert_torch_weights.py`` or a training export) for
     the components ``names`` (default: all): its own config checked against its weights
-    (:func:`~almtok_jax.model.load_model`), then the weights against the training model ``config``."""
+    (:func:`~almtok_jax.weights.model_dir.load_model`), then the weights against the training model ``config``."""
     variables, _ = load_model(directory)
     check_model(variables, config, f"{directory} (for the training model config)", names)
     return {k: v for k, v in variables.items() if names is None or k in names}

@@ -6,7 +6,7 @@ The folder holds ``ep*.checkpoint`` (``model``: the full state dict), ``sqcodec.
 to the folder, falling back to their base name inside it (the real file holds paths relative to the code
 repository).
 
-The architecture comes from the release itself (:func:`almtok_jax.model.derive_config`): the files that
+The architecture comes from the release itself (:func:`almtok_jax.weights.convert.derive_config`): the files that
 state it (:data:`RELEASE_FILES`) and the key names and shapes of the checkpoint; a config given explicitly
 is checked against those files instead.
 """
