@@ -257,10 +257,10 @@ def evaluate_folders(reference_dir: Path, degraded_dir: Path, out: Path, plots: 
 
 
 def load_tokenizer(checkpoint: Path, compat: str = "default") -> Any:
-    """``ALMTokenizer2.load(checkpoint, compat)``, imported here so scoring alone does not load the model."""
+    """``ALMTokenizer2.from_pretrained(checkpoint, compat)``, imported here so scoring alone does not load the model."""
     from almtok_jax.tokenizer import ALMTokenizer2
 
-    return ALMTokenizer2.load(checkpoint, compat=compat)
+    return ALMTokenizer2.from_pretrained(checkpoint, compat=compat)
 
 
 def reconstruct_batch(model: Any, wavs: Sequence[np.ndarray], steps: int | None = None,
@@ -377,7 +377,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m almtok_jax.evaluate",
                                      description=__doc__.split("\n\n")[0])
     mode = parser.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--checkpoint", type=Path, help="tokenizer folder for ALMTokenizer2.load")
+    mode.add_argument("--checkpoint", type=Path,
+                   help="model directory, release folder or hub repo id (Dongchao/almtokenizer2); a "
+                   "release is converted once into the cache (ALMTokenizer2.from_pretrained)")
     mode.add_argument("--references-only", nargs=2, type=Path, metavar=("REF_DIR", "DEG_DIR"),
                       help="score two folders of audio against each other, no model")
     parser.add_argument("--data", type=Path,

@@ -148,7 +148,9 @@ def save_codes(path: Path, codes: np.ndarray) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, type=Path, help="model directory (convert_torch_weights.py)")
+    p.add_argument("--checkpoint", required=True, type=Path,
+                   help="model directory, release folder or hub repo id (Dongchao/almtokenizer2); a "
+                   "release is converted once into the cache (ALMTokenizer2.from_pretrained)")
     p.add_argument("inputs", nargs="*", type=Path, help="audio files or folders")
     p.add_argument("-o", "--outdir", type=Path, default=Path("out"), help="output folder (default: out)")
     p.add_argument("--encode-only", action="store_true", help="write codes only")
@@ -209,7 +211,7 @@ def load_tokenizer(args: argparse.Namespace):
     from almtok_jax.tokenizer import ALMTokenizer2
 
     try:
-        tok = ALMTokenizer2.load(args.checkpoint, compat=args.compat)
+        tok = ALMTokenizer2.from_pretrained(args.checkpoint, compat=args.compat)
         tok.sampler_config(args.steps, args.guidance, args.solver)  # a bad --solver/--steps: once, before any work
     except ValueError as e:  # ModelDirError and config errors: their message names the file and the problem
         raise UsageError(str(e)) from None

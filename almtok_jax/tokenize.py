@@ -411,7 +411,9 @@ def run_settings(args: argparse.Namespace, entries: Sequence[ClipEntry]) -> dict
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, type=Path, help="model directory (convert_torch_weights.py)")
+    p.add_argument("--checkpoint", required=True, type=Path,
+                   help="model directory, release folder or hub repo id (Dongchao/almtokenizer2); a "
+                   "release is converted once into the cache (ALMTokenizer2.from_pretrained)")
     p.add_argument("--data", required=True, type=Path, help="4-column list file or folder of audio files")
     p.add_argument("--out", required=True, type=Path, help="output folder (shared by every process)")
     p.add_argument("--shard-size", type=int, default=256, help="files per shard (default 256)")
@@ -441,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
     todo = [s for s in mine if not shard_is_complete(args.out, s, settings)]
     batch = args.batch_segments or DEFAULT_SEGMENTS_PER_DEVICE * jax.local_device_count()
 
-    tok = ALMTokenizer2.load(args.checkpoint, compat=args.compat)
+    tok = ALMTokenizer2.from_pretrained(args.checkpoint, compat=args.compat)
     progress = Progress(sum(s.stop - s.start for s in mine), sum(s.stop - s.start for s in mine if s not in todo),
                         enabled=not args.quiet)
     if todo:

@@ -99,6 +99,8 @@ class ALMTokenizer2:
         self.variables = variables
         self.config = config
         self.compat = compat
+        # Sampler overrides used when a decode call gives none (``from_pretrained(steps=..., solver=...)``).
+        self.sampler_defaults: dict[str, int | float | str | None] = {}
 
     # ------------------------------------------------------------------ construction and properties
 
@@ -108,6 +110,30 @@ class ALMTokenizer2:
         config is checked against its weights and itself (:func:`~almtok_jax.model.load_model`)."""
         variables, config = load_model(checkpoint_dir)
         return cls(to_device(variables), config, compat)
+
+    @classmethod
+    def from_pretrained(cls, name: str | Path, revision: str | None = None, compat: Compat = "default",
+                        steps: int | None = None, guidance: float | None = None, solver: str | None = None,
+                        cache_dir: str | Path | None = None, checkpoint_file: str | None = None) -> ALMTokenizer2:
+        """A model-hub repo id (``"Dongchao/almtokenizer2"``, at ``revision``), a release folder or a model
+        directory, in one call: a release is downloaded (only the files read), converted once into the cache
+        and loaded from there on later calls, offline included (:mod:`almtok_jax.hub_cache`). ``steps``,
+        ``guidance`` and ``solver`` become the tokenizer's sampler (:meth:`sampler_config`); a cache entry
+        whose weights cannot be read is rebuilt once."""
+        from almtok_jax.config import ModelDirError
+        from almtok_jax.hub_cache import is_cache_entry, resolve_model_dir
+
+        where = dict(revision=revision, checkpoint_file=checkpoint_file, cache_dir=cache_dir)
+        directory = resolve_model_dir(name, **where)
+        try:
+            tok = cls.load(directory, compat)
+        except ModelDirError:
+            if not is_cache_entry(directory):
+                raise
+            tok = cls.load(resolve_model_dir(name, **where, rebuild=True), compat)
+        tok.sampler_config(steps, guidance, solver)  # refused here, not at the first decode
+        tok.sampler_defaults = {"steps": steps, "guidance": guidance, "solver": solver}
+        return tok
 
     @property
     def pipeline(self) -> PipelineConfig:
@@ -212,8 +238,11 @@ class ALMTokenizer2:
         """The sampler a decode runs: the model config's (default mode) with the given overrides.
 
         Release mode runs the reference's sampler whatever the config says (:data:`RELEASE_SAMPLER`: Euler on
-        the uniform grid, 50 steps unless ``steps`` is given); another solver is refused there.
+        the uniform grid, 50 steps unless ``steps`` is given); another solver is refused there. An argument
+        left ``None`` takes the tokenizer's :attr:`sampler_defaults` (``from_pretrained``'s options).
         """
+        given = {"steps": steps, "guidance": guidance, "solver": solver}
+        steps, guidance, solver = (v if v is not None else self.sampler_defaults.get(k) for k, v in given.items())
         if self.compat == "release":
             if solver not in (None, RELEASE_SAMPLER.solver):
                 raise ValueError(f"release mode runs the reference's {RELEASE_SAMPLER.solver} sampler; "
