@@ -17,6 +17,7 @@ import soundfile as sf
 from conftest import AUDIO, REPO
 
 from almtok_jax import evaluate
+from almtok_jax.flow.cfm import SamplerConfig
 
 CLIPS = ("p225_001", "p231_001")  # the two shortest speech clips
 
@@ -94,7 +95,7 @@ class IdentityTokenizer:
     calls: list[int] = []
 
     @classmethod
-    def load(cls, checkpoint, compat="default"):
+    def from_pretrained(cls, checkpoint, compat="default"):
         assert Path(checkpoint).name == "ckpt"
         return cls()
 
@@ -105,6 +106,9 @@ class IdentityTokenizer:
 
     def decode_clips(self, codes, steps=None, seed=0, lengths=None):
         return [{"wave": c.T.reshape(-1)[:n]} for c, n in zip(codes, lengths, strict=True)]
+
+    def sampler_config(self, steps=None):
+        return SamplerConfig(num_steps=steps or 4)
 
 
 def test_model_mode_batches_trims_and_records_bitrate(references, tmp_path, monkeypatch):
