@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import math
 import sys
@@ -293,16 +294,21 @@ def load_tokenizer(checkpoint: Path, compat: str = "default") -> Any:
     return ALMTokenizer2.from_pretrained(checkpoint, compat=compat)
 
 
-def reconstruct_batch(model: Any, wavs: Sequence[np.ndarray], steps: int | None = None,
-                      seed: int = 0) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def reconstruct_batch(model: Any, wavs: Sequence[np.ndarray], steps: int | None = None, seed: int = 0,
+                      progress: Any = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Encode and decode clips at ``model.sample_rate`` together: ``(reconstructions, codes)``.
 
     Uses the tokenizer's batched calls (``encode_batch`` -> codes ``(Q, T_i)`` per clip, ``decode_clips``
-    with each clip's length), so every clip is reconstructed exactly as it would be alone.
+    with each clip's length), so every clip is reconstructed exactly as it would be alone. ``progress``
+    (:data:`~almtok_jax.tokenizer.WindowProgress`) is told after each segment batch and window.
     """
-    codes = model.encode_batch(list(wavs), model.sample_rate)
-    results = model.decode_clips(codes, steps=steps, seed=seed, lengths=[w.size for w in wavs])
+    codes = model.encode_batch(list(wavs), model.sample_rate, progress=progress)
+    results = model.decode_clips(codes, steps=steps, seed=seed, lengths=[w.size for w in wavs], progress=progress)
     return [np.asarray(r["wave"], np.float32) for r in results], codes
+
+
+def _window(bar: tqdm, stage: str, done: int, total: int) -> None:
+    bar.set_postfix_str(f"{stage} {done}/{total}")
 
 
 def _batches_by_length(clips: list[Clip], batch_size: int) -> Iterator[list[Clip]]:
@@ -366,7 +372,7 @@ def evaluate_model(checkpoint: Path, data: Path, out: Path, plots: int = 4, batc
             continue
         inputs = [np.asarray(resample(w, sr, model_sr)) if sr != model_sr else w for _, w, sr in loaded]
         try:
-            recs, codes = reconstruct_batch(model, inputs, steps, seed)
+            recs, codes = reconstruct_batch(model, inputs, steps, seed, functools.partial(_window, progress))
         except Exception as e:  # noqa: BLE001 - a failing batch is recorded per clip, the run goes on
             rows.extend(error_row(c.name, f"reconstruction failed: {type(e).__name__}: {e}", w.size / sr)
                         for c, w, sr in loaded)

@@ -194,9 +194,15 @@ class Progress:
         self.bar.write(f"error: {message}" if name in message else f"error: {name}: {message}", file=sys.stderr)
         self._step()
 
+    def window(self, stage: str, done: int, total: int) -> None:
+        """Progress inside the current files (:data:`~almtok_jax.tokenizer.WindowProgress`)."""
+        self.bar.set_postfix_str(f"{stage} {done}/{total}, {self._rate()}")
+
+    def _rate(self) -> str:
+        return f"{self.audio_s / max(time.perf_counter() - self.start, 1e-9):.2f} audio s/s"
+
     def _step(self) -> None:
-        elapsed = time.perf_counter() - self.start
-        self.bar.set_postfix_str(f"{self.audio_s / max(elapsed, 1e-9):.2f} audio s/s")
+        self.bar.set_postfix_str(self._rate())
         self.bar.update(1)
 
     def summary(self) -> str:
@@ -227,7 +233,7 @@ def encode_job(tok, job: Job, args: argparse.Namespace, progress: Progress) -> t
         return check_codes(load_npy(job.source), tok.num_codebooks, tok.codebook_size, str(job.source)), None
     wav, sr = load_audio(job.source)
     wav24 = tok.to_model_rate(wav.mean(axis=0), sr)
-    codes = tok.encode_clips([wav24])[0]["codes"]
+    codes = tok.encode_clips([wav24], progress.window)[0]["codes"]
     if args.encode_only:
         save_outputs(tok, job, args, codes, None, progress, len(wav24) / tok.sample_rate)
         return None
@@ -254,7 +260,7 @@ def decode_batch(tok, batch: list[tuple[Job, np.ndarray, int | None]], args: arg
     """Decode clips together and save them; on failure retry one by one so one bad clip fails alone."""
     try:
         results = tok.decode_clips([c for _, c, _ in batch], args.steps, args.guidance, args.seed,
-                                   [noise] * len(batch), [n for _, _, n in batch], args.solver)
+                                   [noise] * len(batch), [n for _, _, n in batch], args.solver, progress.window)
     except Exception as e:  # one bad clip must not stop the run
         if len(batch) == 1:
             progress.fail(str(batch[0][0].source), e)

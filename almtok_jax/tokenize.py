@@ -336,9 +336,16 @@ class Progress:
 
     def update(self, files: int, seconds: float) -> None:
         self.audio_s += seconds
-        rate = self.audio_s / max(time.perf_counter() - self.start, 1e-9)
-        self.bar.set_postfix_str(f"{self.audio_s / 3600:.3f} h, {rate:.2f} audio s/s")
+        self.bar.set_postfix_str(self._rate())
         self.bar.update(files)
+
+    def window(self, stage: str, done: int, total: int) -> None:
+        """Progress inside the current file (:data:`~almtok_jax.tokenizer.WindowProgress`)."""
+        self.bar.set_postfix_str(f"{stage} {done}/{total}, {self._rate()}")
+
+    def _rate(self) -> str:
+        rate = self.audio_s / max(time.perf_counter() - self.start, 1e-9)
+        return f"{self.audio_s / 3600:.3f} h, {rate:.2f} audio s/s"
 
     def close(self) -> tuple[float, float]:
         self.bar.close()
@@ -360,9 +367,13 @@ def encode_shards(tok: ALMTokenizer2, entries: Sequence[ClipEntry], shards: Sequ
         loaded = []
         for _ in range(shard.stop - shard.start):
             f = next(stream)
-            for c, clip in enumerate(f.clips):
-                for s, segment in enumerate(segment_audio(clip, tok.pipeline, tok.compat)):
-                    packer.add(segment, (f.index, c, s))
+            segments = [segment_audio(clip, tok.pipeline, tok.compat) for clip in f.clips]
+            total = sum(len(s) for s in segments)
+            for c, clip_segments in enumerate(segments):
+                for s, segment in enumerate(clip_segments):
+                    packer.add(segment, (f.index, c, s))  # encodes a batch whenever one is full
+                    if total > 1:  # a long file: show its segments go by
+                        progress.window("encoding segment", c * len(clip_segments) + s + 1, total)
             f.lengths, f.clips = [len(c) for c in f.clips], []
             loaded.append(f)
             progress.update(1, f.duration)
