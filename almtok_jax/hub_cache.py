@@ -187,6 +187,10 @@ def ensure_entry(entry: Path, build: Callable[[Path], object], describe: str, re
     return entry
 
 
+def is_cache_entry(folder: Path) -> bool:
+    return (folder / MANIFEST).is_file()
+
+
 def _local_key(folder: Path, checkpoint_file: str | None, config_path: Path | None) -> str:
     """A local release's identity: its resolved path, the size and time of its weight files, the
     checkpoint chosen and the preset given."""
@@ -225,17 +229,15 @@ def resolve_model_dir(source: str | os.PathLike, revision: str | None = None, ch
     if not path.exists() and not is_hub_id(name):
         raise ModelDirError(f"model directory {name}: no such folder (nor a release folder or hub repo id)")
     entry = entry_path(name, revision, checkpoint_file, config_path, cache_dir)
+    if not rebuild and entry_problem(entry) is None:
+        return entry
+    # Fetched before anything is created, so a failed download leaves no trace in the cache (concurrent
+    # downloads are the hub client's to share; the conversion below is ours, done once).
+    try:
+        release = fetch_release(name, checkpoint_file, revision)
+    except ReleaseError as e:
+        raise ModelDirError(f"model directory {name}: no such folder; as a hub repo id: {e}"
+                            if not path.exists() else str(e)) from None
     describe = name if path.exists() else f"{name}@{revision or 'main'}"
-
-    def build(folder: Path) -> None:
-        try:
-            release = fetch_release(name, checkpoint_file, revision)
-        except ReleaseError as e:
-            raise ModelDirError(f"{name}: no such folder, and {e}" if not path.exists() else str(e)) from None
-        convert_release(release, folder, config_path, False, checkpoint_file)
-
-    return ensure_entry(entry, build, describe, rebuild)
-
-
-def is_cache_entry(folder: Path) -> bool:
-    return (folder / MANIFEST).is_file()
+    return ensure_entry(entry, lambda folder: convert_release(release, folder, config_path, False, checkpoint_file),
+                        describe, rebuild)
