@@ -13,7 +13,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import FIXTURES, REPO
+from conftest import AUDIO, FIXTURES, REPO
 
 import almtok_jax.hub_cache as hub_cache_module
 from almtok_jax import ALMTokenizer2
@@ -185,3 +185,21 @@ def test_killed_conversion_leaves_no_entry(tmp_path, tiny_checkpoint, copying_co
         ALMTokenizer2.from_pretrained(REPO_ID, cache_dir=cache)
     assert len(copying_converter) == 1 and entry_problem(entry) is None and (entry / MANIFEST).is_file()
     assert sorted(p.name for p in entry.parent.iterdir()) == ["format1", "format1.lock"]
+
+
+def test_commands_take_a_hub_id(hub_cache, tmp_path, monkeypatch):
+    """``--checkpoint Dongchao/almtokenizer2`` of infer, tokenize and evaluate: the cached entry, offline."""
+    import infer
+    from almtok_jax import evaluate, tokenize
+
+    monkeypatch.setenv("ALMTOK_CACHE", str(hub_cache))
+    monkeypatch.setitem(sys.modules, "huggingface_hub", fake_hub(RELEASE, fail=OSError("offline")))
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    shutil.copy(AUDIO / "speech" / "p225_001.wav", clips)
+    assert infer.main(["--checkpoint", REPO_ID, "--encode-only", str(clips), "-o", str(tmp_path / "codes")]) == 0
+    assert tokenize.main(["--checkpoint", REPO_ID, "--data", str(clips), "--out", str(tmp_path / "shards"),
+                          "--quiet"]) == 0
+    (record,) = tokenize.open_records(tmp_path / "shards")
+    np.testing.assert_array_equal(record["codes"], np.load(tmp_path / "codes" / "p225_001.codes.npy"))
+    assert evaluate.load_tokenizer(Path(REPO_ID)).codebook_size == 64
