@@ -3,6 +3,7 @@ a stand-in hub (``tests/fake_hub.py``) serves the tiny release."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -71,10 +72,10 @@ def test_compat_and_sampler_options_pass_through(hub_cache):
         ALMTokenizer2.from_pretrained(REPO_ID, cache_dir=hub_cache, compat="release", solver="rk4")
 
 
-def test_local_release_folder_and_model_directory(tmp_path, tiny_checkpoint, capsys):
+def test_local_release_folder_and_model_directory(tmp_path, tiny_checkpoint, copying_converter, capsys):
     cache = tmp_path / "cache"
     tok = ALMTokenizer2.from_pretrained(RELEASE, cache_dir=cache)
-    assert "converting" in capsys.readouterr().err
+    assert "converting" in capsys.readouterr().err and copying_converter[0].parent.parent == cache / "local"
     (entry,) = (cache / "local").glob(f"release_tiny-*/format{FORMAT_VERSION}")
     assert entry_problem(entry) is None
     ALMTokenizer2.from_pretrained(RELEASE, cache_dir=cache)
@@ -88,7 +89,7 @@ def test_local_release_folder_and_model_directory(tmp_path, tiny_checkpoint, cap
 @pytest.fixture
 def copying_converter(monkeypatch, tiny_checkpoint) -> list[Path]:
     """Conversion replaced by a copy of the session's converted tiny model (the cache's mechanics are under
-    test, not conversion, which the tests above run for real); returns the folders built."""
+    test, not conversion, which the module's hub_cache fixture runs for real); returns the folders built."""
     built: list[Path] = []
 
     def convert(release, out, *args):
@@ -150,9 +151,19 @@ def start_child(tmp_path: Path, cache: Path, name: str, peers: int, delay: float
                             stderr=subprocess.PIPE, text=True)
 
 
-def test_two_processes_convert_once(tmp_path):
+def copy_instead_of_converting(tiny_checkpoint: Path, then: str = "") -> str:
+    """Child-process code replacing conversion by a copy of the session's converted tiny model."""
+    return ("import shutil, almtok_jax.hub_cache as h\n"
+            "def copied(release, out, *args):\n"
+            f"    shutil.copytree({str(tiny_checkpoint)!r}, out)\n{then}"
+            "h.convert_release = copied")
+
+
+def test_two_processes_convert_once(tmp_path, tiny_checkpoint):
     cache = tmp_path / "cache"
-    children = [start_child(tmp_path, cache, name, peers=2, delay=0.2) for name in "ab"]
+    children = [start_child(tmp_path, cache, name, peers=2, delay=0.2,
+                            patch=copy_instead_of_converting(tiny_checkpoint, "    time.sleep(1)\n"))
+                for name in "ab"]
     outputs = [child.communicate(timeout=300) for child in children]
     for child, (out, err) in zip(children, outputs, strict=True):
         assert child.returncode == 0, err[-3000:]
@@ -169,11 +180,7 @@ def test_killed_conversion_leaves_no_entry(tmp_path, tiny_checkpoint, copying_co
     """kill -9 after the model directory is written but before it is renamed into place: no entry is
     found afterwards, and the next call sweeps the leftover and converts again."""
     cache = tmp_path / "cache"
-    stall = ("import shutil, almtok_jax.hub_cache as h\n"
-             "def stalled(release, out, *args):\n"
-             f"    shutil.copytree({str(tiny_checkpoint)!r}, out)\n"
-             "    print('written', flush=True)\n    time.sleep(600)\n"
-             "h.convert_release = stalled")
+    stall = copy_instead_of_converting(tiny_checkpoint, "    print('written', flush=True)\n    time.sleep(600)\n")
     child = start_child(tmp_path, cache, "killed", peers=1, patch=stall)
     assert child.stdout.readline().strip() == "written"
     child.send_signal(signal.SIGKILL)
@@ -198,8 +205,11 @@ def test_commands_take_a_hub_id(hub_cache, tmp_path, monkeypatch):
     clips.mkdir()
     shutil.copy(AUDIO / "speech" / "p225_001.wav", clips)
     assert infer.main(["--checkpoint", REPO_ID, "--encode-only", str(clips), "-o", str(tmp_path / "codes")]) == 0
-    assert tokenize.main(["--checkpoint", REPO_ID, "--data", str(clips), "--out", str(tmp_path / "shards"),
+    assert np.load(tmp_path / "codes" / "p225_001.codes.npy").shape[0] == 8
+    # tokenize loads the model before reading any file: an unreadable file keeps the run short.
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.wav").write_bytes(b"not audio")
+    assert tokenize.main(["--checkpoint", REPO_ID, "--data", str(tmp_path / "bad"), "--out", str(tmp_path / "shards"),
                           "--quiet"]) == 0
-    (record,) = tokenize.open_records(tmp_path / "shards")
-    np.testing.assert_array_equal(record["codes"], np.load(tmp_path / "codes" / "p225_001.codes.npy"))
+    assert json.loads((tmp_path / "shards" / "summary.json").read_text())["failed"] == 1
     assert evaluate.load_tokenizer(Path(REPO_ID)).codebook_size == 64
