@@ -13,7 +13,7 @@ once per batch-size bucket.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -37,6 +37,9 @@ from almtok_jax.pipeline import (
 )
 from almtok_jax.weights.model_dir import load_model, to_device
 
+# Called as ``progress(stage, done, total)`` while one call works through its 12 s segments ("encoding
+# segment") or windows ("decoding window"), so a command can show progress inside a long file.
+WindowProgress = Callable[[str, int, int], None]
 TOKEN_OFFSET = 10000  # the reference's per-codebook offset in tokenize2 (not the codebook size)
 # Longest code sequence one decode call accepts: 4 h at 12.5 Hz. Every window's latents and waveform are
 # held until the cross-fade (about 1.3 MB per 9 s of audio at full size), so the limit bounds memory (~2 GB).
@@ -100,6 +103,8 @@ class ALMTokenizer2:
         self.variables = variables
         self.config = config
         self.compat = compat
+        # Sampler overrides used when a decode call gives none (``from_pretrained(steps=..., solver=...)``).
+        self.sampler_defaults: dict[str, int | float | str | None] = {}
 
     # ------------------------------------------------------------------ construction and properties
 
@@ -109,6 +114,30 @@ class ALMTokenizer2:
         config is checked against its weights and itself (:func:`~almtok_jax.weights.model_dir.load_model`)."""
         variables, config = load_model(checkpoint_dir)
         return cls(to_device(variables), config, compat)
+
+    @classmethod
+    def from_pretrained(cls, name: str | Path, revision: str | None = None, compat: Compat = "default",
+                        steps: int | None = None, guidance: float | None = None, solver: str | None = None,
+                        cache_dir: str | Path | None = None, checkpoint_file: str | None = None) -> ALMTokenizer2:
+        """A model-hub repo id (``"Dongchao/almtokenizer2"``, at ``revision``), a release folder or a model
+        directory, in one call: a release is downloaded (only the files read), converted once into the cache
+        and loaded from there on later calls, offline included (:mod:`almtok_jax.weights.hub`). ``steps``,
+        ``guidance`` and ``solver`` become the tokenizer's sampler (:meth:`sampler_config`); a cache entry
+        whose weights cannot be read is rebuilt once."""
+        from almtok_jax.config import ModelDirError
+        from almtok_jax.weights.hub import is_cache_entry, resolve_model_dir
+
+        where = dict(revision=revision, checkpoint_file=checkpoint_file, cache_dir=cache_dir)
+        directory = resolve_model_dir(name, **where)
+        try:
+            tok = cls.load(directory, compat)
+        except ModelDirError:
+            if not is_cache_entry(directory):
+                raise
+            tok = cls.load(resolve_model_dir(name, **where, rebuild=True), compat)
+        tok.sampler_config(steps, guidance, solver)  # refused here, not at the first decode
+        tok.sampler_defaults = {"steps": steps, "guidance": guidance, "solver": solver}
+        return tok
 
     @property
     def pipeline(self) -> PipelineConfig:
@@ -163,9 +192,11 @@ class ALMTokenizer2:
             wav = wav[..., :resampled_length(n, rate, self.sample_rate)]
         return wav
 
-    def encode_clips(self, clips: Sequence[np.ndarray]) -> list[dict[str, np.ndarray]]:
+    def encode_clips(self, clips: Sequence[np.ndarray], progress: WindowProgress | None = None
+                     ) -> list[dict[str, np.ndarray]]:
         """Mono 24 kHz clips -> per clip ``codes (Q, T)`` plus the per-segment ``features``, ``query`` and
-        ``indices``. All segments of all clips are encoded together in batches."""
+        ``indices``. All segments of all clips are encoded together in batches; ``progress`` is told after
+        each batch."""
         segments = [segment_audio(np.asarray(c, np.float32), self.pipeline, self.compat) for c in clips]
         flat = np.concatenate(segments)
         cap = self.pipeline.encode_batch_size
@@ -176,6 +207,8 @@ class ALMTokenizer2:
                                   self.compat)
             for k in outs:
                 outs[k].append(np.asarray(out[k])[: len(chunk)])
+            if progress is not None:
+                progress("encoding segment", start + len(chunk), len(flat))
         stacked = {k: np.concatenate(v) for k, v in outs.items()}
         results, first = [], 0
         for clip, seg in zip(clips, segments, strict=True):
@@ -200,11 +233,12 @@ class ALMTokenizer2:
             raise AudioError(f"expected (N,) or (channels, N) audio, got shape {wav.shape}")
         return self.encode_clips([self.to_model_rate(wav, sample_rate)])[0]["codes"]
 
-    def encode_batch(self, wavs: Sequence[np.ndarray], sample_rates: Sequence[int] | int) -> list[np.ndarray]:
+    def encode_batch(self, wavs: Sequence[np.ndarray], sample_rates: Sequence[int] | int,
+                     progress: WindowProgress | None = None) -> list[np.ndarray]:
         """Several mono clips (any lengths and rates) -> list of codes ``(Q, T_i)``, batched together."""
         rates = [sample_rates] * len(wavs) if isinstance(sample_rates, int) else list(sample_rates)
         clips = [self.to_model_rate(np.asarray(w, np.float32).reshape(-1), r) for w, r in zip(wavs, rates, strict=True)]
-        return [r["codes"] for r in self.encode_clips(clips)]
+        return [r["codes"] for r in self.encode_clips(clips, progress)]
 
     # ------------------------------------------------------------------------------------- decoding
 
@@ -213,8 +247,11 @@ class ALMTokenizer2:
         """The sampler a decode runs: the model config's (default mode) with the given overrides.
 
         Release mode runs the reference's sampler whatever the config says (:data:`RELEASE_SAMPLER`: Euler on
-        the uniform grid, 50 steps unless ``steps`` is given); another solver is refused there.
+        the uniform grid, 50 steps unless ``steps`` is given); another solver is refused there. An argument
+        left ``None`` takes the tokenizer's :attr:`sampler_defaults` (``from_pretrained``'s options).
         """
+        given = {"steps": steps, "guidance": guidance, "solver": solver}
+        steps, guidance, solver = (v if v is not None else self.sampler_defaults.get(k) for k, v in given.items())
         if self.compat == "release":
             if solver not in (None, RELEASE_SAMPLER.solver):
                 raise ValueError(f"release mode runs the reference's {RELEASE_SAMPLER.solver} sampler; "
@@ -275,8 +312,8 @@ class ALMTokenizer2:
 
     def decode_clips(self, codes: Sequence[np.ndarray], steps: int | None = None, guidance: float | None = None,
                      seed: int = 0, noise: Sequence[np.ndarray | None] | None = None,
-                     lengths: Sequence[int | None] | None = None, solver: str | None = None
-                     ) -> list[dict[str, np.ndarray]]:
+                     lengths: Sequence[int | None] | None = None, solver: str | None = None,
+                     progress: WindowProgress | None = None) -> list[dict[str, np.ndarray]]:
         """Codes ``[(Q, T_i)]`` -> per clip ``wave (N_i,)`` plus ``latents (K, T_w, C)``, ``prompts``,
         ``window_codes``, ``padded_codes`` and the plan. Window k of every clip is sampled in one batch
         (windows of one clip are sequential: each continues from the previous one).
@@ -284,7 +321,8 @@ class ALMTokenizer2:
         ``noise[i]`` (optional) is the initial ODE state of every window of clip i, ``(K, T_w, C)``;
         otherwise it is drawn from ``seed`` and the clip's codes (:meth:`window_noise`). ``lengths[i]``
         (default mode) trims clip i's output. ``steps``/``guidance``/``solver`` override the sampler
-        (:meth:`sampler_config`). Inputs longer than :data:`MAX_DECODE_FRAMES` are refused.
+        (:meth:`sampler_config`). Inputs longer than :data:`MAX_DECODE_FRAMES` are refused. ``progress`` is
+        told after each window step.
         """
         codes = [check_codes(c, self.num_codebooks, self.codebook_size, f"clip {i}") for i, c in enumerate(codes)]
         sampler = self.sampler_config(steps, guidance, solver)
@@ -295,7 +333,8 @@ class ALMTokenizer2:
         x0 = self._initial_states(codes, plans, list(noise) if noise is not None else [None] * n, seed)
         latents: list[list[np.ndarray]] = [[] for _ in range(n)]
         prompts: list[list[np.ndarray]] = [[] for _ in range(n)]
-        for k in range(max(p.num_windows for p in plans)):
+        num_windows = max(p.num_windows for p in plans)
+        for k in range(num_windows):
             active = [i for i in range(n) if k < plans[i].num_windows]
             prompt, prompt_len = zip(*(self._window_prompt(latents[i][-1] if k else None, plans[i])
                                        for i in active), strict=True)
@@ -306,6 +345,8 @@ class ALMTokenizer2:
                 latents[i].append(out[j])
                 if k:
                     prompts[i].append(prompt[j][: plans[i].prompt_frames])
+            if progress is not None:
+                progress("decoding window", k + 1, num_windows)
         return [self._clip_result(np.stack(latents[i]), prompts[i], windows[i], plans[i]) for i in range(n)]
 
     def _clip_result(self, latents: np.ndarray, prompts: list[np.ndarray], windows: np.ndarray,

@@ -17,6 +17,7 @@ import soundfile as sf
 from conftest import AUDIO, REPO
 
 from almtok_jax.cli import evaluate
+from almtok_jax.flow.cfm import SamplerConfig
 
 CLIPS = ("p225_001", "p231_001")  # the two shortest speech clips
 
@@ -94,20 +95,24 @@ class IdentityTokenizer:
     calls: list[int] = []
 
     @classmethod
-    def load(cls, checkpoint, compat="default"):
+    def from_pretrained(cls, checkpoint, compat="default"):
         assert Path(checkpoint).name == "ckpt"
         return cls()
 
-    def encode_batch(self, wavs, sample_rate):
+    def encode_batch(self, wavs, sample_rate, progress=None):
         assert sample_rate == self.sample_rate and all(w.ndim == 1 for w in wavs)
         self.calls.append(len(wavs))
         return [np.pad(w, (0, -w.size % 1920)).reshape(-1, 1920).T for w in wavs]
 
-    def decode_clips(self, codes, steps=None, seed=0, lengths=None):
+    def decode_clips(self, codes, steps=None, seed=0, lengths=None, progress=None):
+        progress("decoding window", 1, 1)
         return [{"wave": c.T.reshape(-1)[:n]} for c, n in zip(codes, lengths, strict=True)]
 
+    def sampler_config(self, steps=None):
+        return SamplerConfig(num_steps=steps or 4)
 
-def test_model_mode_batches_trims_and_records_bitrate(references, tmp_path, monkeypatch):
+
+def test_model_mode_batches_trims_and_records_bitrate(references, tmp_path, monkeypatch, capfd):
     monkeypatch.setitem(sys.modules, "almtok_jax.tokenizer",
                         types.SimpleNamespace(ALMTokenizer2=IdentityTokenizer))
     IdentityTokenizer.calls = []
@@ -116,6 +121,7 @@ def test_model_mode_batches_trims_and_records_bitrate(references, tmp_path, monk
     out = tmp_path / "out"
     summary = evaluate.main(["--checkpoint", str(tmp_path / "ckpt"), "--data", str(references),
                              "-o", str(out), "--batch-size", "2", "--plots", "1", "--save-audio"])
+    assert "decoding window 1/1" in capfd.readouterr().err  # progress inside a batch reaches the bar
     rows, _ = read_outputs(out)
     assert [r["file"] for r in rows] == ["broken", *CLIPS, "p232_001"]
     assert "cannot read audio" in rows[0]["error"] and all(r["error"] == "" for r in rows[1:])

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import sys
-import types
 from pathlib import Path
 
 import jax
@@ -26,6 +25,7 @@ from almtok_jax.quantizer.query import QUANTIZER
 from almtok_jax.weights.convert import convert_checkpoint, derive_config
 from almtok_jax.weights.release import checkpoint_order, newest_checkpoint, read_release, select_checkpoint
 from almtok_jax.weights.torch_io import load_state_dict
+from tests.fake_hub import fake_hub
 from tests.synthetic_release import FULL_FILES, full_size_shapes
 
 RELEASE = FIXTURES / "release_tiny"
@@ -172,23 +172,9 @@ def test_checkpoint_file_option(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def _fake_hub(requested: list[str], fail: Exception | None = None) -> types.SimpleNamespace:
-    """A huggingface_hub stand-in serving the tiny release from a cache folder (one file per call)."""
-    def list_repo_files(repo_id):
-        if fail is not None:
-            raise fail
-        return sorted(str(p.relative_to(RELEASE)) for p in RELEASE.rglob("*") if p.is_file())
-
-    def hf_hub_download(repo_id, filename):
-        requested.append(filename)
-        return str(RELEASE / filename)
-
-    return types.SimpleNamespace(list_repo_files=list_repo_files, hf_hub_download=hf_hub_download)
-
-
 def test_hub_download_fetches_only_the_files_read(monkeypatch, tmp_path):
     requested: list[str] = []
-    monkeypatch.setitem(sys.modules, "huggingface_hub", _fake_hub(requested))
+    monkeypatch.setitem(sys.modules, "huggingface_hub", fake_hub(RELEASE, requested))
     folder = convert_torch_weights.fetch_release("Dongchao/almtokenizer2")
     assert folder == RELEASE
     assert sorted(requested) == sorted(["config.yaml", "ep5.checkpoint", "model_config.json", "sq_config.yaml",
@@ -205,7 +191,7 @@ def test_hub_repo_id_without_huggingface_hub(monkeypatch, tmp_path, capsys):
 
 def test_hub_offline_failure_is_one_line(monkeypatch, tmp_path, capsys):
     offline = OSError("cannot reach the hub\nTraceback-like detail\nmore")
-    monkeypatch.setitem(sys.modules, "huggingface_hub", _fake_hub([], fail=offline))
+    monkeypatch.setitem(sys.modules, "huggingface_hub", fake_hub(RELEASE, fail=offline))
     rc = convert_torch_weights.main(["--release", "Dongchao/almtokenizer2", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert rc == 1 and err.count("\n") == 1

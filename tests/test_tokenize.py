@@ -21,7 +21,7 @@ import pytest
 import soundfile as sf
 from conftest import REPO
 
-from almtok_jax.audio import load_audio
+from almtok_jax.audio import load_audio, to_mono
 from almtok_jax.cli import tokenize
 from almtok_jax.records import codes_dataset, decode_record, encode_record, open_records
 from almtok_jax.tokenizer import ALMTokenizer2, flatten
@@ -168,3 +168,19 @@ def test_corrupt_file_is_a_failure_and_nothing_else_changes(tiny_checkpoint, cor
                 for r in open_records(reference)]
     assert strip == expected
     assert tokenize.main(_args(tiny_checkpoint, listing, out, "--strict")) == 1
+
+
+def test_encode_is_batch_invariant(tiny_checkpoint, corpus, reference):
+    """A clip's codes are the same through the tokenize command (the reference records), inside
+    ``encode_batch`` beside clips of other lengths and rates (in two orders and groupings, so its segments
+    share padded batches with other clips' segments) and encoded alone (every clip alone: the test above)."""
+    tok = ALMTokenizer2.load(tiny_checkpoint)
+    records = {Path(r["path"]).stem: r["codes"] for r in open_records(reference)}
+    clips = {name: load_audio(corpus / f"{name}.wav") for name, *_ in CORPUS}
+    clips = {name: (to_mono(wav), sr) for name, (wav, sr) in clips.items()}
+    for order in ([c[0] for c in CORPUS], ["d_13s", "c_16k"]):
+        batch = tok.encode_batch([clips[n][0] for n in order], [clips[n][1] for n in order])
+        for name, codes in zip(order, batch, strict=True):
+            np.testing.assert_array_equal(codes, records[name], err_msg=f"{name} in batch {order}")
+    for name in ("d_13s", "c_16k"):
+        np.testing.assert_array_equal(tok.encode(*clips[name]), records[name], err_msg=f"{name} alone")

@@ -22,51 +22,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from almtok_jax.config import load_model_config, to_dict
+from almtok_jax.weights.hub import convert_release, fetch_release
 
-
-def fetch_release(release: str, checkpoint_file: str | None = None) -> Path:
-    """A local folder as is; otherwise a hub repo id, of which the files the converter reads are downloaded
-    with ``huggingface_hub``."""
-    path = Path(release)
-    if path.exists():
-        return path
-    from almtok_jax.weights.release import ReleaseError, download_release
-
-    if release.count("/") != 1 or release.startswith((".", "/")):
-        raise ReleaseError(f"release folder {release} does not exist")
-    try:
-        import huggingface_hub
-    except ImportError:
-        raise ReleaseError(f"{release} is not a folder, and downloading it needs huggingface_hub "
-                           "(pip install 'almtok-jax[hub]')") from None
-    try:
-        return download_release(huggingface_hub, release, checkpoint_file)
-    except ReleaseError:
-        raise
-    except Exception as e:  # network errors come in many types; report them all the same way, on one line
-        reason = (str(e).strip().splitlines() or [""])[0]
-        raise ReleaseError(f"could not download {release} from the model hub ({type(e).__name__}: {reason}); "
-                           "download it by hand and pass the folder") from None
-
-
-def convert(release: Path, out: Path, config_path: Path | None = None, force: bool = False,
-            checkpoint_file: str | None = None) -> Path:
-    """Read, validate and write; returns the output folder."""
-    import yaml
-
-    from almtok_jax.weights.convert import convert_checkpoint
-    from almtok_jax.weights.model_dir import check_replaceable, save_model_dir, split_variables
-    from almtok_jax.weights.release import read_release
-
-    check_replaceable(out, force)  # before the (long) read, not after it
-    given = load_model_config(config_path) if config_path is not None else None
-    rel = read_release(release, given, checkpoint_file)
-    # Checked whole from names and shapes; each variable is read from the checkpoint only as it is written.
-    variables = convert_checkpoint(rel.model_state, rel.codec_state, rel.config, source=str(rel.checkpoint),
-                                   lazy=True)
-    config_yaml = yaml.safe_dump(to_dict(rel.config), sort_keys=False)
-    return save_model_dir(out, split_variables(variables), config_yaml, force=force)
+__all__ = ["fetch_release", "main"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         release = fetch_release(args.release, args.checkpoint_file)
-        out = convert(release, args.out, args.config, args.force, args.checkpoint_file)
+        out = convert_release(release, args.out, args.config, args.force, args.checkpoint_file)
     except (MappingError, ReleaseError, CheckpointError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -12,8 +12,11 @@ other, matched by relative path without extension (``a/x.wav`` matches ``a/x.fla
 
 Outputs in ``OUT``: ``metrics.csv`` (one row per clip, an ``error`` column holding the reason of every
 metric that could not be computed), ``summary.json`` (``metrics`` maps each metric to ``{mean, std,
-count}`` over the clips where it is defined, plus failure counts, the bitrate and the settings), and
-``plots/*.png`` (original and reconstructed spectrograms side by side, for the first ``--plots`` clips).
+count}`` over the clips where it is defined, and per category when the clips come from subfolders, plus
+failure counts, the bitrate and the settings), ``plots/*.png`` (original and reconstructed spectrograms
+side by side) and ``listen/*.wav`` (both signals as 16-bit WAV) for the first ``--plots`` clips, and
+``report.html``: one page to open in a browser, with the summary, every clip's metrics and players for the
+listened clips (:mod:`almtok_jax.cli.report`).
 Metric definitions: :mod:`almtok_jax.metrics`.
 """
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import math
 import sys
@@ -36,10 +40,12 @@ from tqdm import tqdm
 
 from almtok_jax import metrics
 from almtok_jax.audio import AudioError, load_audio, resample, to_mono
+from almtok_jax.cli.report import category_of, write_report
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
 CSV_COLUMNS = ("file", "duration_s", *metrics.METRIC_NAMES, "error")
 PLOT_DB_RANGE = 80.0
+REPORT_LABELS = ("original", "reconstruction")
 
 
 @dataclass(frozen=True)
@@ -124,19 +130,29 @@ def _join_errors(errors: dict[str, str]) -> str:
     return "; ".join(f"{name}: {reason}" for name, reason in errors.items())
 
 
-def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """``metrics`` (mean/std/count per metric over the rows where it is defined) and failure counts."""
-    summary: dict[str, Any] = {"metrics": {}, "metric_failures": {}}
+def metric_stats(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Mean/std/count per metric over the rows where it is defined."""
+    stats = {}
     for name in metrics.METRIC_NAMES:
         vals = np.array([r[name] for r in rows if r.get(name) is not None], dtype=np.float64)
-        summary["metrics"][name] = {
-            "mean": float(vals.mean()) if vals.size else None,
-            "std": float(vals.std()) if vals.size else None,
-            "count": int(vals.size),
-        }
-        summary["metric_failures"][name] = len(rows) - int(vals.size)
+        stats[name] = {"mean": float(vals.mean()) if vals.size else None,
+                       "std": float(vals.std()) if vals.size else None, "count": int(vals.size)}
+    return stats
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """``metrics`` (:func:`metric_stats`), failure counts and, when clips come from subfolders,
+    ``categories`` (the same per first subfolder, :func:`~almtok_jax.cli.report.category_of`)."""
+    stats = metric_stats(rows)
+    summary: dict[str, Any] = {"metrics": stats,
+                               "metric_failures": {name: len(rows) - s["count"] for name, s in stats.items()}}
     summary["files"] = len(rows)
     summary["files_with_errors"] = sum(1 for r in rows if r.get("error"))
+    if any("/" in r["file"] for r in rows):
+        groups: dict[str, list[dict[str, Any]]] = {}
+        for r in rows:
+            groups.setdefault(category_of(r["file"]), []).append(r)
+        summary["categories"] = {c: {"files": len(g), "metrics": metric_stats(g)} for c, g in sorted(groups.items())}
     return summary
 
 
@@ -220,6 +236,21 @@ def plot_or_note(out: Path, name: str, notes: dict[str, str], *pair_and_values: 
         tqdm.write(f"warning: no plot for {name}: {notes[name]}", file=sys.stderr)
 
 
+def listening_entry(out: Path, name: str, notes: dict[str, str], reference: np.ndarray, reference_sr: int,
+                    degraded: np.ndarray, degraded_sr: int, values: dict[str, Any],
+                    labels: tuple[str, str] = REPORT_LABELS) -> dict[str, Path | None]:
+    """A clip of the report: its spectrogram plot (:func:`plot_or_note`) and both signals as 16-bit WAV
+    files under ``out/listen`` (what every browser plays); returns their paths."""
+    plot_or_note(out, name, notes, reference, reference_sr, degraded, degraded_sr, values, labels=labels)
+    files: dict[str, Path | None] = {}
+    for key, wav, sr in (("original", reference, reference_sr), ("reconstruction", degraded, degraded_sr)):
+        files[key] = out / "listen" / f"{name}.{key}.wav"
+        files[key].parent.mkdir(parents=True, exist_ok=True)
+        sf.write(str(files[key]), np.clip(wav, -1.0, 1.0), sr, subtype="PCM_16")
+    files["spectrogram"] = _plot_path(out, name) if name not in notes else None
+    return files
+
+
 # ------------------------------------------------------------------------------------- references-only
 
 
@@ -228,7 +259,8 @@ def evaluate_folders(reference_dir: Path, degraded_dir: Path, out: Path, plots: 
     start = time.time()
     clips, unmatched = match_folders(reference_dir, degraded_dir)
     _make_out(out, plots)
-    rows, plotted, plot_failures = [], 0, {}
+    rows, plot_failures, media = [], {}, {}
+    labels = ("reference", "degraded")
     for clip in tqdm(clips, desc="scoring", unit="clip"):
         if clip.degraded is None:
             rows.append(error_row(clip.name, f"no degraded file named {clip.name}.* in {degraded_dir}"))
@@ -240,16 +272,15 @@ def evaluate_folders(reference_dir: Path, degraded_dir: Path, out: Path, plots: 
             rows.append(error_row(clip.name, str(e)))
             continue
         rows.append(score_row(clip.name, ref, ref_sr, deg, deg_sr))
-        if plotted < plots:
-            plotted += 1
-            plot_or_note(out, clip.name, plot_failures, ref, ref_sr, deg, deg_sr, rows[-1],
-                         labels=("reference", "degraded"))
+        if len(media) < plots:
+            media[clip.name] = listening_entry(out, clip.name, plot_failures, ref, ref_sr, deg, deg_sr, rows[-1],
+                                               labels)
     summary = summarize(rows)
     summary.update(mode="references_only", bitrate_bps=None, unmatched_degraded=unmatched, plot_failures=plot_failures,
                    settings={**settings_of_metrics(), "reference_dir": str(reference_dir),
                              "degraded_dir": str(degraded_dir)},
                    elapsed_s=time.time() - start)
-    _write_outputs(rows, summary, out)
+    _write_outputs(rows, summary, out, media, labels)
     return summary
 
 
@@ -257,22 +288,27 @@ def evaluate_folders(reference_dir: Path, degraded_dir: Path, out: Path, plots: 
 
 
 def load_tokenizer(checkpoint: Path, compat: str = "default") -> Any:
-    """``ALMTokenizer2.load(checkpoint, compat)``, imported here so scoring alone does not load the model."""
+    """``ALMTokenizer2.from_pretrained(checkpoint, compat)``, imported here so scoring alone does not load the model."""
     from almtok_jax.tokenizer import ALMTokenizer2
 
-    return ALMTokenizer2.load(checkpoint, compat=compat)
+    return ALMTokenizer2.from_pretrained(checkpoint, compat=compat)
 
 
-def reconstruct_batch(model: Any, wavs: Sequence[np.ndarray], steps: int | None = None,
-                      seed: int = 0) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def reconstruct_batch(model: Any, wavs: Sequence[np.ndarray], steps: int | None = None, seed: int = 0,
+                      progress: Any = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Encode and decode clips at ``model.sample_rate`` together: ``(reconstructions, codes)``.
 
     Uses the tokenizer's batched calls (``encode_batch`` -> codes ``(Q, T_i)`` per clip, ``decode_clips``
-    with each clip's length), so every clip is reconstructed exactly as it would be alone.
+    with each clip's length), so every clip is reconstructed exactly as it would be alone. ``progress``
+    (:data:`~almtok_jax.tokenizer.WindowProgress`) is told after each segment batch and window.
     """
-    codes = model.encode_batch(list(wavs), model.sample_rate)
-    results = model.decode_clips(codes, steps=steps, seed=seed, lengths=[w.size for w in wavs])
+    codes = model.encode_batch(list(wavs), model.sample_rate, progress=progress)
+    results = model.decode_clips(codes, steps=steps, seed=seed, lengths=[w.size for w in wavs], progress=progress)
     return [np.asarray(r["wave"], np.float32) for r in results], codes
+
+
+def _window(bar: tqdm, stage: str, done: int, total: int) -> None:
+    bar.set_postfix_str(f"{stage} {done}/{total}")
 
 
 def _batches_by_length(clips: list[Clip], batch_size: int) -> Iterator[list[Clip]]:
@@ -299,6 +335,15 @@ def _bitrate(model: Any, token_rate_hz: float | None, codebooks: int | None) -> 
     return None
 
 
+def codec_settings(model: Any, checkpoint: Path, compat: str, steps: int | None, seed: int) -> dict[str, Any]:
+    """What the report states about the codec run: mode, sampler and its cost per window."""
+    sampler = model.sampler_config(steps)
+    return {"compat": compat, "checkpoint": str(checkpoint), "seed": seed,
+            "sampler": f"{sampler.solver}, {sampler.num_steps} {sampler.time_grid} steps, "
+                       f"guidance {sampler.guidance_scale:g}",
+            "evaluations_per_window": sampler.evaluations}
+
+
 def evaluate_model(checkpoint: Path, data: Path, out: Path, plots: int = 4, batch_size: int = 4,
                    save_audio: bool = False, steps: int | None = None, seed: int = 0,
                    compat: str = "default") -> dict[str, Any]:
@@ -313,7 +358,7 @@ def evaluate_model(checkpoint: Path, data: Path, out: Path, plots: int = 4, batc
     if save_audio:
         (out / "audio").mkdir(exist_ok=True)
     rows: list[dict[str, Any]] = []
-    token_frames, audio_seconds, codebooks, plotted, plot_failures = 0, 0.0, None, 0, {}
+    token_frames, audio_seconds, codebooks, plot_failures, media = 0, 0.0, None, {}, {}
     progress = tqdm(total=len(clips), desc="reconstructing", unit="clip")
     for batch in _batches_by_length(clips, batch_size):
         loaded = []
@@ -327,7 +372,7 @@ def evaluate_model(checkpoint: Path, data: Path, out: Path, plots: int = 4, batc
             continue
         inputs = [np.asarray(resample(w, sr, model_sr)) if sr != model_sr else w for _, w, sr in loaded]
         try:
-            recs, codes = reconstruct_batch(model, inputs, steps, seed)
+            recs, codes = reconstruct_batch(model, inputs, steps, seed, functools.partial(_window, progress))
         except Exception as e:  # noqa: BLE001 - a failing batch is recorded per clip, the run goes on
             rows.extend(error_row(c.name, f"reconstruction failed: {type(e).__name__}: {e}", w.size / sr)
                         for c, w, sr in loaded)
@@ -342,20 +387,20 @@ def evaluate_model(checkpoint: Path, data: Path, out: Path, plots: int = 4, batc
                 path = out / "audio" / f"{clip.name}.wav"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 sf.write(str(path), rec, model_sr, subtype="FLOAT")
-            if plotted < plots:
-                plotted += 1
-                plot_or_note(out, clip.name, plot_failures, wav, sr, rec, model_sr, rows[-1])
+            if len(media) < plots:
+                media[clip.name] = listening_entry(out, clip.name, plot_failures, wav, sr, rec, model_sr, rows[-1])
         progress.update(len(loaded))
     progress.close()
     token_rate = token_frames / audio_seconds if audio_seconds else None
     summary = summarize(rows)
     summary.update(mode="model", bitrate_bps=_bitrate(model, token_rate, codebooks), token_rate_hz=token_rate,
                    codebooks=codebooks, plot_failures=plot_failures,
+                   codec=codec_settings(model, checkpoint, compat, steps, seed),
                    settings={**settings_of_metrics(), "checkpoint": str(checkpoint), "data": str(data),
                              "model_sample_rate": model_sr, "batch_size": batch_size, "steps": steps,
                              "seed": seed, "compat": compat},
                    elapsed_s=time.time() - start)
-    _write_outputs(rows, summary, out)
+    _write_outputs(rows, summary, out, media, REPORT_LABELS)
     return summary
 
 
@@ -368,23 +413,27 @@ def _make_out(out: Path, plots: int) -> None:
         (out / "plots").mkdir(exist_ok=True)
 
 
-def _write_outputs(rows: list[dict[str, Any]], summary: dict[str, Any], out: Path) -> None:
+def _write_outputs(rows: list[dict[str, Any]], summary: dict[str, Any], out: Path,
+                   media: dict[str, dict[str, Path | None]], labels: tuple[str, str]) -> None:
     write_csv(rows, out / "metrics.csv")
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_report(out, summary, rows, media, metrics.METRIC_NAMES, labels)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m almtok_jax.cli.evaluate",
                                      description=__doc__.split("\n\n")[0])
     mode = parser.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--checkpoint", type=Path, help="tokenizer folder for ALMTokenizer2.load")
+    mode.add_argument("--checkpoint", type=Path,
+                   help="model directory, release folder or hub repo id (Dongchao/almtokenizer2); a "
+                   "release is converted once into the cache (ALMTokenizer2.from_pretrained)")
     mode.add_argument("--references-only", nargs=2, type=Path, metavar=("REF_DIR", "DEG_DIR"),
                       help="score two folders of audio against each other, no model")
     parser.add_argument("--data", type=Path,
                         help="folder, audio file or list file of clips (with --checkpoint)")
     parser.add_argument("-o", "--output", type=Path, required=True, help="output folder")
     parser.add_argument("--plots", type=int, default=4,
-                        help="spectrogram PNGs for the first N clips (default 4)")
+                        help="spectrogram PNGs and report players for the first N clips (default 4)")
     parser.add_argument("--batch-size", type=int, default=4, help="clips per model call (default 4)")
     parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model config's)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampler noise")

@@ -148,7 +148,9 @@ def save_codes(path: Path, codes: np.ndarray) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, type=Path, help="model directory (convert_torch_weights.py)")
+    p.add_argument("--checkpoint", required=True, type=Path,
+                   help="model directory, release folder or hub repo id (Dongchao/almtokenizer2); a "
+                   "release is converted once into the cache (ALMTokenizer2.from_pretrained)")
     p.add_argument("inputs", nargs="*", type=Path, help="audio files or folders")
     p.add_argument("-o", "--outdir", type=Path, default=Path("out"), help="output folder (default: out)")
     p.add_argument("--encode-only", action="store_true", help="write codes only")
@@ -192,9 +194,15 @@ class Progress:
         self.bar.write(f"error: {message}" if name in message else f"error: {name}: {message}", file=sys.stderr)
         self._step()
 
+    def window(self, stage: str, done: int, total: int) -> None:
+        """Progress inside the current files (:data:`~almtok_jax.tokenizer.WindowProgress`)."""
+        self.bar.set_postfix_str(f"{stage} {done}/{total}, {self._rate()}")
+
+    def _rate(self) -> str:
+        return f"{self.audio_s / max(time.perf_counter() - self.start, 1e-9):.2f} audio s/s"
+
     def _step(self) -> None:
-        elapsed = time.perf_counter() - self.start
-        self.bar.set_postfix_str(f"{self.audio_s / max(elapsed, 1e-9):.2f} audio s/s")
+        self.bar.set_postfix_str(self._rate())
         self.bar.update(1)
 
     def summary(self) -> str:
@@ -209,14 +217,14 @@ def load_tokenizer(args: argparse.Namespace):
     from almtok_jax.tokenizer import ALMTokenizer2
 
     try:
-        tok = ALMTokenizer2.load(args.checkpoint, compat=args.compat)
+        tok = ALMTokenizer2.from_pretrained(args.checkpoint, compat=args.compat)
         tok.sampler_config(args.steps, args.guidance, args.solver)  # a bad --solver/--steps: once, before any work
     except ValueError as e:  # ModelDirError and config errors: their message names the file and the problem
         raise UsageError(str(e)) from None
     return tok
 
 
-def encode_job(tok, job: Job, args: argparse.Namespace) -> tuple[np.ndarray, int | None, float]:
+def encode_job(tok, job: Job, args: argparse.Namespace, progress: Progress) -> tuple[np.ndarray, int | None, float]:
     """One input's codes ``(Q, T)`` (encoded, or read with ``--decode``), the length to decode them to
     (``None``: what the codes give, as the reference does) and the seconds of audio read (0 for code files)."""
     from almtok_jax.audio import load_audio, to_mono
@@ -226,7 +234,7 @@ def encode_job(tok, job: Job, args: argparse.Namespace) -> tuple[np.ndarray, int
         return check_codes(load_npy(job.source), tok.num_codebooks, tok.codebook_size, str(job.source)), None, 0.0
     wav, sr = load_audio(job.source)
     wav24 = tok.to_model_rate(to_mono(wav), sr)
-    codes = tok.encode_clips([wav24])[0]["codes"]
+    codes = tok.encode_clips([wav24], progress.window)[0]["codes"]
     return codes, None if args.compat == "release" else len(wav24), len(wav24) / tok.sample_rate
 
 
@@ -250,7 +258,7 @@ def decode_batch(tok, batch: list[tuple[Job, np.ndarray, int | None]], args: arg
     """Decode clips together and save them; on failure retry one by one so one bad clip fails alone."""
     try:
         results = tok.decode_clips([c for _, c, _ in batch], args.steps, args.guidance, args.seed,
-                                   [noise] * len(batch), [n for _, _, n in batch], args.solver)
+                                   [noise] * len(batch), [n for _, _, n in batch], args.solver, progress.window)
     except Exception as e:  # one bad clip must not stop the run
         if len(batch) == 1:
             progress.fail(str(batch[0][0].source), e)
@@ -290,7 +298,7 @@ def run(args: argparse.Namespace) -> int:
         pending: list[tuple[Job, np.ndarray, int | None]] = []  # (job, codes, output length) to decode
         for job in jobs:
             try:
-                codes, length, seconds = encode_job(tok, job, args)
+                codes, length, seconds = encode_job(tok, job, args, progress)
                 if args.encode_only:
                     save_outputs(tok, job, args, codes, None, progress, seconds)
                     continue

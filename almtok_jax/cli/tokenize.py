@@ -267,9 +267,16 @@ class Progress:
 
     def update(self, files: int, seconds: float) -> None:
         self.audio_s += seconds
-        rate = self.audio_s / max(time.perf_counter() - self.start, 1e-9)
-        self.bar.set_postfix_str(f"{self.audio_s / 3600:.3f} h, {rate:.2f} audio s/s")
+        self.bar.set_postfix_str(self._rate())
         self.bar.update(files)
+
+    def window(self, stage: str, done: int, total: int) -> None:
+        """Progress inside the current file (:data:`~almtok_jax.tokenizer.WindowProgress`)."""
+        self.bar.set_postfix_str(f"{stage} {done}/{total}, {self._rate()}")
+
+    def _rate(self) -> str:
+        rate = self.audio_s / max(time.perf_counter() - self.start, 1e-9)
+        return f"{self.audio_s / 3600:.3f} h, {rate:.2f} audio s/s"
 
     def close(self) -> tuple[float, float]:
         self.bar.close()
@@ -291,9 +298,13 @@ def encode_shards(tok: ALMTokenizer2, entries: Sequence[ClipEntry], shards: Sequ
         loaded = []
         for _ in range(shard.stop - shard.start):
             f = next(stream)
-            for c, clip in enumerate(f.clips):
-                for s, segment in enumerate(segment_audio(clip, tok.pipeline, tok.compat)):
-                    packer.add(segment, (f.index, c, s))
+            segments = [segment_audio(clip, tok.pipeline, tok.compat) for clip in f.clips]
+            total = sum(len(s) for s in segments)
+            for c, clip_segments in enumerate(segments):
+                for s, segment in enumerate(clip_segments):
+                    packer.add(segment, (f.index, c, s))  # encodes a batch whenever one is full
+                    if total > 1:  # a long file: show its segments go by
+                        progress.window("encoding segment", c * len(clip_segments) + s + 1, total)
             f.lengths, f.clips = [len(c) for c in f.clips], []
             loaded.append(f)
             progress.update(1, f.duration)
@@ -342,7 +353,9 @@ def run_settings(args: argparse.Namespace, entries: Sequence[ClipEntry]) -> dict
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, type=Path, help="model directory (convert_torch_weights.py)")
+    p.add_argument("--checkpoint", required=True, type=Path,
+                   help="model directory, release folder or hub repo id (Dongchao/almtokenizer2); a "
+                   "release is converted once into the cache (ALMTokenizer2.from_pretrained)")
     p.add_argument("--data", required=True, type=Path, help="4-column list file or folder of audio files")
     p.add_argument("--out", required=True, type=Path, help="output folder (shared by every process)")
     p.add_argument("--shard-size", type=int, default=256, help="files per shard (default 256)")
@@ -372,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     todo = [s for s in mine if not shard_is_complete(args.out, s, settings)]
     batch = args.batch_segments or DEFAULT_SEGMENTS_PER_DEVICE * jax.local_device_count()
 
-    tok = ALMTokenizer2.load(args.checkpoint, compat=args.compat)
+    tok = ALMTokenizer2.from_pretrained(args.checkpoint, compat=args.compat)
     progress = Progress(sum(s.stop - s.start for s in mine), sum(s.stop - s.start for s in mine if s not in todo),
                         enabled=not args.quiet)
     if todo:

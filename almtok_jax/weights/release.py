@@ -133,16 +133,18 @@ _NAMED_FILES = (("sq_config", SQ_CONFIG), ("sq_resume", "sqcodec.pth"), ("transf
                 ("whisper_path", WHISPER_CONFIG))
 
 
-def download_release(hub, repo_id: str, checkpoint_file: str | None = None) -> Path:
-    """Fetch only the files the converter reads from model-hub repo ``repo_id`` (``hub``: the
-    ``huggingface_hub`` module; one ``hf_hub_download`` per file, so the hub cache serves a second run and
-    the progress bars are the hub's): ``config.yaml``, the files it names, ``whisper-medium/config.json``
-    (not the Whisper weights) and one checkpoint. Returns the local folder laid out like the repo."""
-    listed = set(hub.list_repo_files(repo_id))
+def download_release(hub, repo_id: str, checkpoint_file: str | None = None, revision: str | None = None) -> Path:
+    """Fetch only the files the converter reads from model-hub repo ``repo_id`` at ``revision`` (default its
+    main branch; ``hub``: the ``huggingface_hub`` module; one ``hf_hub_download`` per file, so the hub cache
+    serves a second run and the progress bars are the hub's): ``config.yaml``, the files it names,
+    ``whisper-medium/config.json`` (not the Whisper weights) and one checkpoint. Returns the local folder
+    laid out like the repo."""
+    at = {"revision": revision} if revision is not None else {}
+    listed = set(hub.list_repo_files(repo_id, **at))
     downloaded = {}
 
     def get(name: str) -> Path:
-        downloaded[name] = Path(hub.hf_hub_download(repo_id, name))
+        downloaded[name] = Path(hub.hf_hub_download(repo_id, name, **at))
         return downloaded[name]
 
     train_args = yaml.safe_load(get("config.yaml").read_text()) if "config.yaml" in listed else {}
