@@ -18,7 +18,7 @@ from conftest import AUDIO, FIXTURES, REPO
 
 import almtok_jax.weights.hub as hub_cache_module
 from almtok_jax import ALMTokenizer2
-from almtok_jax.config import ModelDirError
+from almtok_jax.weights.model_dir import ModelDirError
 from almtok_jax.weights.hub import FORMAT_VERSION, MANIFEST, entry_path, entry_problem
 from tests.fake_hub import fake_hub
 
@@ -197,7 +197,7 @@ def test_killed_conversion_leaves_no_entry(tmp_path, tiny_checkpoint, copying_co
 def test_commands_take_a_hub_id(hub_cache, tmp_path, monkeypatch):
     """``--checkpoint Dongchao/almtokenizer2`` of infer, tokenize and evaluate: the cached entry, offline."""
     import infer
-    from almtok_jax import evaluate, tokenize
+    from almtok_jax.cli import evaluate, tokenize
 
     monkeypatch.setenv("ALMTOK_CACHE", str(hub_cache))
     monkeypatch.setitem(sys.modules, "huggingface_hub", fake_hub(RELEASE, fail=OSError("offline")))

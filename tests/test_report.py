@@ -21,7 +21,7 @@ import pytest
 import soundfile as sf
 from conftest import AUDIO
 
-from almtok_jax import evaluate
+from almtok_jax.cli import evaluate
 from almtok_jax.cli.report import ALL
 from almtok_jax.metrics import METRIC_NAMES
 

@@ -7,7 +7,7 @@ import pytest
 import soundfile as sf
 
 import infer
-from almtok_jax import tokenize
+from almtok_jax.cli import tokenize
 
 
 @pytest.fixture(scope="module")
