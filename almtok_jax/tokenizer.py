@@ -124,8 +124,8 @@ class ALMTokenizer2:
         and loaded from there on later calls, offline included (:mod:`almtok_jax.weights.hub`). ``steps``,
         ``guidance`` and ``solver`` become the tokenizer's sampler (:meth:`sampler_config`); a cache entry
         whose weights cannot be read is rebuilt once."""
-        from almtok_jax.weights.model_dir import ModelDirError
         from almtok_jax.weights.hub import is_cache_entry, resolve_model_dir
+        from almtok_jax.weights.model_dir import ModelDirError
 
         where = dict(revision=revision, checkpoint_file=checkpoint_file, cache_dir=cache_dir)
         directory = resolve_model_dir(name, **where)

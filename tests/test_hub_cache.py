@@ -18,8 +18,8 @@ from conftest import AUDIO, FIXTURES, REPO
 
 import almtok_jax.weights.hub as hub_cache_module
 from almtok_jax import ALMTokenizer2
-from almtok_jax.weights.model_dir import ModelDirError
 from almtok_jax.weights.hub import FORMAT_VERSION, MANIFEST, entry_path, entry_problem
+from almtok_jax.weights.model_dir import ModelDirError
 from tests.fake_hub import fake_hub
 
 RELEASE = FIXTURES / "release_tiny"
