@@ -234,7 +234,11 @@ def encode_job(tok, job: Job, args: argparse.Namespace, progress: Progress) -> t
 
 def save_outputs(tok, job: Job, args: argparse.Namespace, codes: np.ndarray, wave: np.ndarray | None,
                  progress: Progress, seconds: float) -> None:
-    """Write one input's outputs; a write failure fails that input only."""
+    """Write one input's outputs; a write failure, or audio that is not finite, fails that input only."""
+    if wave is not None and not np.all(np.isfinite(wave)):
+        progress.fail(str(job.source), f"{job.source}: the decoded audio is not finite (NaN or infinite "
+                                       "samples); nothing written")
+        return
     try:
         for kind, path in output_files(job, args).items():
             if kind == "codes":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -89,3 +90,195 @@ def test_3_two_saves_into_one_folder_at_once_leave_a_complete_model(tmp_path, fo
     if not force:
         assert sorted(codes) == [0, 1], outputs  # the other one says why
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("go")) == ["model"]
+
+
+# ---------------------------------------------------------------------- 4, 9, 12, 16: tokenize reruns
+
+
+TOKENIZE_RUN = ["--shard-size", "1", "--batch-segments", "4", "--workers", "1", "--quiet"]
+
+
+def _clip(path: Path, seconds: float = 0.3, seed: int = 0, rate: int = 24000) -> Path:
+    import soundfile as sf
+
+    noise = np.random.default_rng(seed).standard_normal(int(rate * seconds)).astype(np.float32)
+    sf.write(path, 0.1 * noise, rate)
+    return path
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("corpus")
+    for k in range(2):
+        _clip(folder / f"{k}.wav", seed=k)
+    return folder
+
+
+def _tokenize(checkpoint: Path, data: Path, out: Path, *extra: str) -> int:
+    from almtok_jax import tokenize
+
+    return tokenize.main(["--checkpoint", str(checkpoint), "--data", str(data), "--out", str(out),
+                          *TOKENIZE_RUN, *extra])
+
+
+@pytest.fixture(scope="module")
+def tokenized(tiny_checkpoint, corpus, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tokenized") / "out"
+    assert _tokenize(tiny_checkpoint, corpus, out) == 0
+    return out
+
+
+def _shards(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.glob("shard-*"))}
+
+
+def test_4_a_rerun_with_another_model_at_the_same_path_is_refused(tiny_checkpoint, corpus, tokenized, tmp_path,
+                                                                 capsys):
+    import shutil
+
+    model, out = tmp_path / "model", tmp_path / "out"
+    variables, config = ckpt_lib.load_model_dir(tiny_checkpoint)
+    variables["trainable"] = {k: v for k, v in variables["trainable"].items()}
+    import jax
+
+    variables = jax.tree.map(lambda x: x * np.asarray(1.5, x.dtype) if x.dtype.kind == "f" else x, variables)
+    ckpt_lib.save_model_dir(model, variables, (tiny_checkpoint / "config.yaml").read_text())
+    shutil.copytree(tokenized, out)  # written with the tiny model, then re-converted under another path ...
+    (out / "shard-00001-of-00002.json").unlink()  # ... and a crash before the second shard was complete
+    shutil.rmtree(model)
+    shutil.copytree(tiny_checkpoint, model)
+    assert _tokenize(model, corpus, out) == 0  # the same model at another path: its shards are reused
+    assert _shards(out) == _shards(tokenized)
+    (out / "shard-00001-of-00002.json").unlink()
+    ckpt_lib.save_model_dir(model, variables, (tiny_checkpoint / "config.yaml").read_text(), force=True)
+    capsys.readouterr()
+    assert _tokenize(model, corpus, out) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "shard-00000-of-00002.json" in err[0] and "another model" in err[0], err
+
+
+def test_9_every_list_line_is_encoded_or_reported(tiny_checkpoint, corpus, tmp_path):
+    listing = tmp_path / "list.tsv"
+    good, other = corpus / "0.wav", corpus / "1.wav"
+    listing.write_text(f"# name\tpath\tduration\trate\n\na\t{good}\t0.3\t24000\nb {other} 0.3 24000\n"
+                       f"c\t{other}\t0.3\n" f"d\t{other}\tlong\t24000\n")
+    out = tmp_path / "out"
+    assert _tokenize(tiny_checkpoint, listing, out) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["files"], summary["encoded"], summary["failed"]) == (4, 1, 3)
+    reasons = [f["reason"] for f in summary["failures"]]
+    assert [f"{listing}:{n}" in r for r, n in zip(reasons, (4, 5, 6), strict=True)] == [True] * 3, reasons
+    assert "4 tab-separated" in reasons[0] and "'long'" in reasons[2]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "empty_json", "invalid_json"])
+def test_12_a_broken_shard_is_redone(tiny_checkpoint, corpus, tokenized, tmp_path, damage):
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(tokenized, out)
+    data, meta = out / "shard-00001-of-00002.array_record", out / "shard-00001-of-00002.json"
+    if damage == "truncate":
+        data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    else:
+        meta.write_text("" if damage == "empty_json" else "{not json")
+    assert _tokenize(tiny_checkpoint, corpus, out) == 0
+    assert _shards(out) == _shards(tokenized)
+
+
+def _one_line_error(capsys, rc: int, *named: str) -> None:
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert rc != 0 and len(err) == 1 and all(n in err[0] for n in named), err
+
+
+def test_16_tokenize_usage_errors_are_one_line(tiny_checkpoint, corpus, tokenized, tmp_path, capsys):
+    import shutil
+
+    _one_line_error(capsys, _tokenize(tiny_checkpoint, corpus, tmp_path / "a", "--shard-size", "0"), "--shard-size 0")
+    _one_line_error(capsys, _tokenize(tiny_checkpoint, tmp_path / "nothing", tmp_path / "b"), "nothing")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    _one_line_error(capsys, _tokenize(broken, corpus, tmp_path / "c"), str(broken))
+    assert not (tmp_path / "c").exists()
+    out = tmp_path / "d"
+    shutil.copytree(tokenized, out)
+    (out / "shard-00001-of-00002.json").unlink()
+    fewer = tmp_path / "fewer"
+    fewer.mkdir()
+    shutil.copy(corpus / "0.wav", fewer / "0.wav")
+    shutil.copy(corpus / "1.wav", fewer / "2.wav")
+    _one_line_error(capsys, _tokenize(tiny_checkpoint, fewer, out), "shard-00000-of-00002.json", "--out")
+
+
+# ------------------------------------------------------------------------------ 5: non-finite weights
+
+
+def _poisoned_release(folder: Path) -> Path:
+    """The tiny release with NaN as the first value of its largest tensor."""
+    import shutil
+    import zipfile
+
+    from conftest import FIXTURES
+
+    shutil.copytree(FIXTURES / "release_tiny", folder)
+    checkpoint = folder / "ep5.checkpoint"
+    checkpoint.chmod(0o644)
+    with zipfile.ZipFile(checkpoint) as zf:
+        records = {info.filename: zf.read(info) for info in zf.infolist()}
+    largest = max((n for n in records if "/data/" in n), key=lambda n: len(records[n]))
+    records[largest] = np.float32(np.nan).tobytes() + records[largest][4:]
+    with zipfile.ZipFile(checkpoint, "w", zipfile.ZIP_STORED) as zf:
+        for name, data in records.items():
+            zf.writestr(name, data)
+    return folder
+
+
+def test_5_convert_refuses_a_nan_weight(tmp_path, capsys):
+    import convert_torch_weights
+
+    release, out = _poisoned_release(tmp_path / "release"), tmp_path / "model"
+    assert convert_torch_weights.main(["--release", str(release), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "NaN or infinite" in err and "weight params/" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["release"]
+
+
+def _codes_file(folder: Path) -> Path:
+    from conftest import FIXTURES
+
+    path = folder / "codes.npy"
+    np.save(path, np.load(FIXTURES / "release_tiny" / "expected.npz")["out/codes_speech48k"][0])
+    return path
+
+
+def test_5_load_refuses_a_nan_weight(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    import infer
+
+    variables, _ = ckpt_lib.load_model_dir(tiny_checkpoint)
+    name = sorted(variables["trainable"])[0]
+    leaf = variables["trainable"][name]
+    while isinstance(leaf, dict):
+        name, leaf = f"{name}/{sorted(leaf)[-1]}", leaf[sorted(leaf)[-1]]
+    leaf.reshape(-1)[3] = np.inf
+    model = tmp_path / "model"
+    with monkeypatch.context() as patch:  # written as by a version without the check
+        patch.setattr(ckpt_lib, "non_finite", lambda array: None)
+        ckpt_lib.save_model_dir(model, variables, (tiny_checkpoint / "config.yaml").read_text())
+    rc = infer.main(["--checkpoint", str(model), "--steps", "1", "--decode", str(_codes_file(tmp_path)),
+                     "-o", str(tmp_path / "out")])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert rc == 2 and len(err) == 1 and str(model) in err[0] and f"trainable/{name}" in err[0], err
+
+
+def test_5_non_finite_audio_is_never_written(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    import infer
+    from almtok_jax.tokenizer import ALMTokenizer2
+
+    def nan_decode(self, codes, *args, **kwargs):
+        return [{"wave": np.full(2400, np.nan, np.float32)} for _ in codes]
+
+    monkeypatch.setattr(ALMTokenizer2, "decode_clips", nan_decode)
+    rc = infer.main(["--checkpoint", str(tiny_checkpoint), "--decode", str(_codes_file(tmp_path)),
+                     "-o", str(tmp_path / "out")])
+    assert rc == 1 and "not finite" in capsys.readouterr().err
+    assert not list((tmp_path / "out").iterdir())

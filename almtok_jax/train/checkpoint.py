@@ -36,6 +36,7 @@ from etils import epath
 
 from almtok_jax import folder_swap
 from almtok_jax.config import ModelDirError
+from almtok_jax.finite import describe, non_finite
 from almtok_jax.mapping import LazyVariable
 from almtok_jax.train.config import CheckpointConfig
 
@@ -179,6 +180,10 @@ class _OneAtATimeHandler(ocp.type_handlers.NumpyHandler):
         self._turn = self._turn or asyncio.Lock()
         async with self._turn:
             array = value.read() if isinstance(value, LazyVariable) else value
+            found = non_finite(array)
+            if found is not None:  # a model that computes NaN is never written
+                name = str(tspec.get("kvstore", {}).get("path", "")).rstrip("/").rsplit("/", 1)[-1]
+                raise ValueError(f"weight params/{name}: {describe(found, array.size)}; refusing to write it")
             store = await ts.open(ts.Spec(tspec), create=True, open=True, context=ts_context)
             await store.write(array, can_reference_source_data_indefinitely=True).commit
 
@@ -353,6 +358,12 @@ def load_model_dir(directory: str | os.PathLike) -> tuple[dict, dict]:
         reason = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
         raise ModelDirError(f"{directory}: the weights in params/ cannot be read, a file is missing or damaged "
                             f"({reason}); convert or export the model again") from None
+    for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]:
+        found = non_finite(leaf)
+        if found is not None:
+            name = "/".join(str(getattr(k, "key", k)) for k in path)
+            raise ModelDirError(f"{directory}: variable {name}: {describe(found, leaf.size)}; "
+                                "convert or export the model again")
     return variables, config
 
 
