@@ -282,3 +282,28 @@ def test_5_non_finite_audio_is_never_written(tiny_checkpoint, tmp_path, monkeypa
                      "-o", str(tmp_path / "out")])
     assert rc == 1 and "not finite" in capsys.readouterr().err
     assert not list((tmp_path / "out").iterdir())
+
+
+# -------------------------------------------------------------------------- 6: evaluate, length mismatch
+
+
+def test_6_a_reconstruction_of_half_the_length_is_not_scored(tmp_path):
+    import csv
+
+    import soundfile as sf
+    from conftest import AUDIO
+
+    from almtok_jax import evaluate
+
+    ref, deg = tmp_path / "ref", tmp_path / "deg"
+    ref.mkdir(), deg.mkdir()
+    wav, rate = sf.read(AUDIO / "speech" / "p225_001.wav", dtype="float32")
+    for name, cut in (("half", wav.size // 2), ("near", wav.size - rate // 50)):
+        sf.write(ref / f"{name}.wav", wav, rate)
+        sf.write(deg / f"{name}.wav", wav[:cut], rate)
+    summary = evaluate.main(["--references-only", str(ref), str(deg), "-o", str(tmp_path / "out"), "--plots", "0"])
+    rows = {r["file"]: r for r in csv.DictReader(open(tmp_path / "out" / "metrics.csv"))}
+    assert rows["half"]["si_sdr"] == "" and "length" in rows["half"]["error"], rows["half"]
+    assert f"{wav.size // 2 / rate:.2f} s" in rows["half"]["error"]
+    assert rows["near"]["error"] == ""  # 20 ms short: within the tolerance
+    assert summary["metrics"]["si_sdr"]["count"] == 1 and "length" in summary["settings"]["alignment"]
