@@ -13,6 +13,7 @@ once per batch-size bucket.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -37,6 +38,7 @@ from almtok_jax.pipeline import (
 )
 
 TOKEN_OFFSET = 10000  # the reference's per-codebook offset in tokenize2 (not the codebook size)
+MAX_AMPLITUDE = 1e6  # larger samples are refused: float32 features of such audio overflow (~1e19 and up)
 # Longest code sequence one decode call accepts: 4 h at 12.5 Hz. Every window's latents and waveform are
 # held until the cross-fade (about 1.3 MB per 9 s of audio at full size), so the limit bounds memory (~2 GB).
 MAX_DECODE_FRAMES = 180_000
@@ -153,6 +155,10 @@ class ALMTokenizer2:
             raise AudioError("empty audio: no samples to encode")
         if not np.all(np.isfinite(wav)):
             raise AudioError("audio contains NaN or infinite samples")
+        peak = float(np.max(np.abs(wav)))
+        if peak > MAX_AMPLITUDE:  # its power is not finite in float32: every feature NaN, every code 0
+            raise AudioError(f"audio peak {peak:.3g} exceeds {MAX_AMPLITUDE:g}: not an audio signal (samples are "
+                             "expected within about [-1, 1])")
         if sample_rate != self.sample_rate:
             # Zero-padded to whole seconds (the resampler pads with zeros anyway, so the kept samples are
             # unchanged): one compilation per duration in seconds, not per file length.
@@ -221,6 +227,8 @@ class ALMTokenizer2:
             base = replace(RELEASE_SAMPLER, guidance_scale=self.config.sampler.guidance_scale)
         else:
             base = self.config.sampler
+        if guidance is not None and not math.isfinite(guidance):
+            raise ValueError(f"guidance {guidance}: the guidance scale must be a finite number")
         overrides = {k: v for k, v in (("num_steps", steps), ("guidance_scale", guidance), ("solver", solver))
                      if v is not None}
         return replace(base, **overrides)

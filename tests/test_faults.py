@@ -307,3 +307,23 @@ def test_6_a_reconstruction_of_half_the_length_is_not_scored(tmp_path):
     assert f"{wav.size // 2 / rate:.2f} s" in rows["half"]["error"]
     assert rows["near"]["error"] == ""  # 20 ms short: within the tolerance
     assert summary["metrics"]["si_sdr"]["count"] == 1 and "length" in summary["settings"]["alignment"]
+
+
+# ------------------------------------------------------------------ 8: huge audio, non-finite guidance
+
+
+def test_8_huge_amplitudes_and_non_finite_guidance_are_refused(tiny_checkpoint, tmp_path, capsys):
+    import soundfile as sf
+
+    import infer
+
+    loud = tmp_path / "loud.wav"
+    sf.write(loud, np.full(4800, 1e20, np.float32), 24000, subtype="FLOAT")
+    out = tmp_path / "out"
+    assert infer.main(["--checkpoint", str(tiny_checkpoint), "--encode-only", str(loud), "-o", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert str(loud) in err and "1e+20" in err, err
+    assert not list(out.iterdir())
+    for value in ("nan", "inf"):
+        rc = infer.main(["--checkpoint", str(tiny_checkpoint), "--guidance", value, str(loud), "-o", str(out)])
+        _one_line_error(capsys, rc, "guidance", value)
