@@ -327,3 +327,144 @@ def test_8_huge_amplitudes_and_non_finite_guidance_are_refused(tiny_checkpoint, 
     for value in ("nan", "inf"):
         rc = infer.main(["--checkpoint", str(tiny_checkpoint), "--guidance", value, str(loud), "-o", str(out)])
         _one_line_error(capsys, rc, "guidance", value)
+
+
+# --------------------------------------------------------------------- 7, 13, 14, 16: train.py
+
+
+def _train(workdir: Path, steps: int, *args: str) -> None:
+    from conftest import AUDIO
+
+    import train
+
+    train.main(["--config", str(REPO / "configs" / "train_toy.yaml"), "--workdir", str(workdir), "--steps",
+                str(steps), f"data.train={AUDIO / 'speech'}", *args])
+
+
+def _checkpoints(workdir: Path) -> list[int]:
+    return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def _restored_leaves(workdir: Path, step: int) -> list[np.ndarray]:
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as ckptr:
+        return [np.asarray(x) for x in jax_leaves(ckptr.restore(workdir / "checkpoints" / str(step) / "state"))]
+
+
+def jax_leaves(tree) -> list:
+    import jax
+
+    return jax.tree.leaves(tree)
+
+
+def test_7_a_diverging_run_stops_naming_the_step_and_keeps_finite_checkpoints(tmp_path):
+    workdir, export = tmp_path / "run", tmp_path / "export"
+    with pytest.raises(SystemExit) as stopped:
+        _train(workdir, 12, "optimizer.learning_rate=1e9", "schedule.warmup_steps=0", "checkpoint.every=1",
+               "checkpoint.keep=2", "max_skipped_in_a_row=3", "--export", str(export))
+    message = str(stopped.value.code)
+    assert "not finite" in message and "step" in message and "learning_rate" in message, message
+    assert not export.exists()
+    steps = _checkpoints(workdir)
+    assert steps and max(steps) < 12
+    for step in steps:
+        assert all(np.all(np.isfinite(x)) for x in _restored_leaves(workdir, step) if x.dtype.kind == "f")
+
+
+def test_7_a_flipped_byte_in_a_checkpoint_is_detected_on_restore(tmp_path, capsys):
+    workdir = tmp_path / "run"
+    _train(workdir, 2, "checkpoint.every=1", "checkpoint.keep=5")
+    data = max((workdir / "checkpoints" / "2" / "state").rglob("d/*"), key=lambda p: p.stat().st_size)
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0x10
+    data.write_bytes(bytes(raw))
+    capsys.readouterr()
+    _train(workdir, 3, "checkpoint.every=1", "checkpoint.keep=5", "--resume")
+    err = capsys.readouterr().err
+    assert "checkpoint 2" in err and "checksum" in err and "falling back to step 1" in err, err[-3000:]
+
+
+@pytest.mark.parametrize("signum", [2, 15])  # SIGINT (Ctrl-C), SIGTERM (a preempted VM)
+def test_13_a_signal_saves_a_checkpoint_and_exits_cleanly(tmp_path, signum):
+    from conftest import AUDIO
+
+    workdir = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
+    log = tmp_path / "log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "train.py", "--config", "configs/train_toy.yaml", "--workdir",
+                                 str(workdir), "--steps", "100000", f"data.train={AUDIO / 'speech'}",
+                                 "checkpoint.every=100000"], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
+        assert proc.poll() is None, log.read_text()[-3000:]
+        time.sleep(0.2)
+    proc.send_signal(signum)
+    rc = proc.wait(timeout=120)
+    text = log.read_text()
+    assert rc == 128 + signum and "Traceback" not in text, text[-3000:]
+    steps = _checkpoints(workdir)
+    assert len(steps) == 1 and f"stopped by {'SIGINT' if signum == 2 else 'SIGTERM'} at step {steps[0]}" in text
+    assert f"checkpoint {steps[0]} saved" in text
+
+
+def test_14_an_export_folder_in_use_is_refused_before_training(tmp_path):
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit) as refused:
+        _train(tmp_path / "run", 1, "--export", str(export))
+    message = str(refused.value.code)
+    assert message.startswith("error: ") and str(export) in message and "--force" in message
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() and (export / "notes.txt").read_text() == "mine"
+
+
+def test_16_train_data_naming_only_missing_files_is_one_line(tmp_path):
+    listing = tmp_path / "list.tsv"
+    listing.write_text("".join(f"c{k}\t{tmp_path / f'missing{k}.wav'}\t1.0\t24000\n" for k in range(3)))
+    start = time.time()
+    with pytest.raises(SystemExit) as refused:
+        _train(tmp_path / "run", 1, f"data.train={listing}")
+    message = str(refused.value.code)
+    assert message.startswith("error: ") and str(listing) in message and "missing0.wav" in message, message
+    assert time.time() - start < 30
+
+
+# ------------------------------------------------------------------- 10: resampling in bounded memory
+
+_RESAMPLE_UNDER_CEILING = textwrap.dedent("""
+    import resource, struct, sys
+    resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))  # 2 GiB of address space, JAX included
+    from pathlib import Path
+    import numpy as np
+    import soundfile as sf
+    from almtok_jax.audio import AudioError, load_mono
+    folder = Path(sys.argv[1])
+    rate = 44101  # gcd with 24000 is 1: the exact kernel would be (24000, 44125) values
+    t = np.arange(rate // 2) / rate
+    sf.write(folder / "odd.wav", 0.5 * np.sin(2 * np.pi * 440 * t), rate)
+    out = load_mono(folder / "odd.wav", 24000)
+    ideal = 0.5 * np.sin(2 * np.pi * 440 * np.arange(out.size) / 24000)
+    inner = slice(200, out.size - 200)
+    print("length", out.size, "error", float(np.max(np.abs(out[inner] - ideal[inner]))))
+    data = bytearray((folder / "odd.wav").read_bytes())
+    struct.pack_into("<I", data, 24, 2147483647)  # the header's sample rate
+    (folder / "absurd.wav").write_bytes(bytes(data))
+    try:
+        load_mono(folder / "absurd.wav", 24000)
+    except AudioError as e:
+        print("refused", e)
+""")
+
+
+def test_10_any_rate_resamples_in_bounded_memory(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
+    done = subprocess.run([sys.executable, "-c", _RESAMPLE_UNDER_CEILING, str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-3000:]
+    length, error = out.split("length ")[1].split()[0], float(out.split("error ")[1].split()[0])
+    assert int(length) == 12000 and error < 1e-3, out
+    assert f"{tmp_path / 'absurd.wav'}" in out and "2147483647" in out, out[-3000:]

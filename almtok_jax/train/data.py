@@ -242,4 +242,10 @@ def make_loader(source: str | os.PathLike, config: DataConfig, seed: int, *, shu
 
 
 def dataset_size(source: str | os.PathLike, config: DataConfig) -> int:
-    return len(read_source(source, config.extensions))
+    """Clips in ``source``, after checking that at least one of them exists (a list naming only missing
+    files would otherwise fail only once the first batch is read, after the whole set-up)."""
+    entries = read_source(source, config.extensions)
+    if not any(e.error is None and epath.Path(e.path).exists() for e in entries):
+        first = entries[0].error or f"{entries[0].path}: no such file"
+        raise FileNotFoundError(f"training data {source}: none of its {len(entries)} clips exists ({first})")
+    return len(entries)
