@@ -468,3 +468,47 @@ def test_10_any_rate_resamples_in_bounded_memory(tmp_path):
     length, error = out.split("length ")[1].split()[0], float(out.split("error ")[1].split()[0])
     assert int(length) == 12000 and error < 1e-3, out
     assert f"{tmp_path / 'absurd.wav'}" in out and "2147483647" in out, out[-3000:]
+
+
+# ------------------------------------------------------------------------ 11: declared sizes, checked first
+
+_UNDER_CEILING = textwrap.dedent("""
+    import resource, runpy, sys
+    resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))  # 3 GiB of address space, JAX included
+    sys.argv = sys.argv[1:]
+    runpy.run_path(sys.argv[0], run_name="__main__")
+""")
+
+
+def _run_under_ceiling(*argv: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
+    return subprocess.run([sys.executable, "-c", _UNDER_CEILING, *argv], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_11_a_huge_declared_position_table_is_refused_before_allocating(tiny_checkpoint, tmp_path):
+    import shutil
+
+    import yaml
+
+    from conftest import FIXTURES
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_checkpoint, model)
+    config = yaml.safe_load((model / "config.yaml").read_text())
+    config["dit"]["num_positional_embeddings"] = 10**12
+    (model / "config.yaml").write_text(yaml.safe_dump(config))
+    done = _run_under_ceiling("infer.py", "--checkpoint", str(model), "--decode", str(_codes_file(tmp_path)),
+                              "-o", str(tmp_path / "out"))
+    err = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2 and len(err) == 1, done.stderr[-3000:]
+    assert "config.yaml" in err[0] and "num_positional_embeddings" in err[0] and "1000000000000" in err[0]
+
+    release = tmp_path / "release"
+    shutil.copytree(FIXTURES / "release_tiny", release)
+    stated = json.loads((release / "model_config.json").read_text())
+    stated["num_positional_embeddings"] = 10**12
+    (release / "model_config.json").write_text(json.dumps(stated))
+    done = _run_under_ceiling("convert_torch_weights.py", "--release", str(release), "--out", str(tmp_path / "new"))
+    err = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 1 and len(err) == 1 and "num_positional_embeddings" in err[0], done.stderr[-3000:]
