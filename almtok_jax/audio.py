@@ -13,8 +13,8 @@ Everything numeric is jit-able and batched over leading axes; the sample rates a
 from __future__ import annotations
 
 import math
-from fractions import Fraction
 from dataclasses import dataclass
+from fractions import Fraction
 from functools import partial
 from pathlib import Path
 

@@ -490,7 +490,6 @@ def test_11_a_huge_declared_position_table_is_refused_before_allocating(tiny_che
     import shutil
 
     import yaml
-
     from conftest import FIXTURES
 
     model = tmp_path / "model"
