@@ -15,6 +15,7 @@ OUTDIR, a broken model directory, no input files at all.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 import tempfile
@@ -56,7 +57,7 @@ def plan_jobs(paths: list[Path], suffixes: set[str], outdir: Path, decode: bool
         if p.is_dir():
             candidates = [(f, f.relative_to(p)) for f in sorted(p.rglob("*"))
                           if f.suffix.lower() in suffixes and not f.is_dir()]
-        elif p.exists():
+        elif p.exists() or p.is_symlink():
             candidates = [(p, Path(p.name))]
         else:
             problems.append((p, "no such file or folder"))
@@ -65,8 +66,19 @@ def plan_jobs(paths: list[Path], suffixes: set[str], outdir: Path, decode: bool
             if f.is_file():
                 jobs.append(Job(f, outdir / output_stem(relative, decode)))
             else:
-                problems.append((f, "not a regular file (a pipe, socket or device): skipped"))
+                problems.append((f, f"{unreadable_reason(f)}: skipped"))
     return jobs, problems
+
+
+def unreadable_reason(path: Path) -> str:
+    """Why ``path``, which is not a regular file, cannot be read, in words."""
+    try:
+        path.stat()
+    except OSError as e:
+        if path.is_symlink():
+            return "a symbolic link loop" if e.errno == errno.ELOOP else "a symbolic link to a missing file"
+        return e.strerror or str(e)
+    return "not a regular file (a pipe, socket or device)"
 
 
 def output_files(job: Job, args: argparse.Namespace) -> dict[str, Path]:
@@ -78,7 +90,12 @@ def output_files(job: Job, args: argparse.Namespace) -> dict[str, Path]:
 
 def check_collisions(jobs: list[Job], args: argparse.Namespace) -> None:
     """Refuse, before any work, outputs that would overwrite an input or each other."""
-    inputs = {j.source.resolve(): j.source for j in jobs}
+    inputs: dict[Path, Path] = {}
+    for job in jobs:
+        key = job.source.resolve()
+        if key in inputs:
+            raise UsageError(f"{inputs[key]} and {job.source} are the same file ({key}); give it once")
+        inputs[key] = job.source
     writer: dict[Path, Path] = {}
     for job in jobs:
         for path in output_files(job, args).values():
@@ -165,6 +182,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="'release' reproduces the reference infer.py exactly, defects included")
     p.add_argument("--batch-size", type=int, default=4, help="clips decoded together")
     args = p.parse_args(argv)
+    if not -(2 ** 63) <= args.seed < 2 ** 63:
+        p.error(f"--seed {args.seed}: must fit in 64 bits (from -2**63 to 2**63 - 1)")
     if not args.inputs and not args.decode:
         p.error("give audio INPUTs or --decode CODES.npy")
     if args.decode and (args.inputs or args.encode_only):

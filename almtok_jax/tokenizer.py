@@ -82,7 +82,7 @@ def check_codes(codes: np.ndarray, num_codebooks: int, codebook_size: int, where
     value in ``[0, codebook_size)``. The range is checked on the values as given, before any narrowing, so a
     code beyond int32 (``c + 2**40``) cannot wrap back into range. ``where`` names the source in the error."""
     codes = np.asarray(codes)
-    if codes.ndim != 2 or codes.shape[0] != num_codebooks or not np.issubdtype(codes.dtype, np.integer):
+    if codes.ndim != 2 or codes.shape[0] != num_codebooks or codes.dtype.kind not in "iu":  # no timedelta64
         raise ValueError(f"{where}: codes must be an integer array of shape ({num_codebooks}, T), "
                          f"got {codes.dtype} {codes.shape}")
     if codes.shape[1] == 0:

@@ -511,3 +511,52 @@ def test_11_a_huge_declared_position_table_is_refused_before_allocating(tiny_che
     done = _run_under_ceiling("convert_torch_weights.py", "--release", str(release), "--out", str(tmp_path / "new"))
     err = [line for line in done.stderr.splitlines() if line.strip()]
     assert done.returncode == 1 and len(err) == 1 and "num_positional_embeddings" in err[0], done.stderr[-3000:]
+
+
+# --------------------------------------------------------------------- 16, 17: messages that name things
+
+
+@pytest.mark.parametrize("content", [b"sq_resume: [unclosed\n", b"\xff\xfe\x00\x81 binary"])
+def test_16_17_a_release_config_yaml_that_is_not_yaml_is_one_line_naming_it(tmp_path, capsys, content):
+    import shutil
+
+    from conftest import FIXTURES
+
+    import convert_torch_weights
+
+    release = tmp_path / "release"
+    shutil.copytree(FIXTURES / "release_tiny", release)
+    (release / "config.yaml").write_bytes(content)
+    rc = convert_torch_weights.main(["--release", str(release), "--out", str(tmp_path / "model")])
+    _one_line_error(capsys, rc, str(release / "config.yaml"), "YAML")
+
+
+def test_17_broken_links_and_one_file_twice_are_named_as_such(tmp_path, capsys):
+    import infer
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "dangling.wav").symlink_to(tmp_path / "gone.wav")
+    (folder / "loop.wav").symlink_to(folder / "loop.wav")
+    rc = infer.main(["--checkpoint", str(tmp_path / "unused"), str(folder), "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "pipe" not in err, err
+    assert "dangling.wav: a symbolic link to a missing file" in err and "loop.wav: a symbolic link loop" in err, err
+    real = _clip(tmp_path / "real.wav")
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "x.wav").symlink_to(real)
+    rc = infer.main(["--checkpoint", str(tmp_path / "unused"), str(tmp_path / "a" / "x.wav"),
+                     str(tmp_path / "b" / "x.wav"), "-o", str(tmp_path / "out")])
+    _one_line_error(capsys, rc, "are the same file", str(real))
+
+
+def test_17_timedelta_codes_and_a_huge_seed_are_refused_as_such(tmp_path, capsys):
+    import infer
+    from almtok_jax.tokenizer import check_codes
+
+    with pytest.raises(ValueError, match="integer array"):
+        check_codes(np.zeros((8, 4), "m8[s]"), 8, 64, "codes.npy")
+    with pytest.raises(SystemExit) as usage:
+        infer.main(["--checkpoint", str(tmp_path), "--seed", str(2**64), str(tmp_path / "x.wav")])
+    assert usage.value.code == 2 and "--seed" in capsys.readouterr().err
