@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import argparse
 import errno
+import io
 import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,34 +135,58 @@ def load_npy(path: Path) -> np.ndarray:
             raise ValueError(f"{path}: not a plain numeric .npy array ({e})") from None
 
 
-def write_atomic(path: Path, write) -> None:
-    """``write(tmp_path)`` into a temporary file beside ``path``, then rename over it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
+def write_atomic(outputs: dict[Path, Callable[[str], None]]) -> None:
+    """Each ``write(tmp_path)`` into a temporary file beside its path; once every one is written, each is
+    renamed over its path. A failure leaves none of them: the temporary files are removed, and so are
+    the outputs of this call already renamed."""
+    staged: list[tuple[str, Path]] = []
+    renamed: list[Path] = []
+    path = None
     try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
+        for path, write in outputs.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+            os.close(fd)
+            staged.append((tmp, path))
+            write(tmp)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
+        for tmp, path in staged:
+            os.replace(tmp, path)
+            renamed.append(path)
+    except BaseException as e:
+        for done in renamed:
+            done.unlink(missing_ok=True)
+        if isinstance(e, OSError | RuntimeError):  # soundfile raises RuntimeError subclasses
+            raise OSError(f"cannot write {path} ({getattr(e, 'strerror', None) or e})") from None
+        raise
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        for tmp, _ in staged:
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
 
-def save_wav(path: Path, wav: np.ndarray, sample_rate: int) -> None:
+def wav_writer(wav: np.ndarray, sample_rate: int) -> Callable[[str], None]:
+    """Encodes float WAV in memory, then writes the bytes with Python, so a full disk reads "No space left on
+    device" (libsndfile writing a file says only "System error.")."""
     import soundfile as sf
 
-    write_atomic(path, lambda tmp: sf.write(tmp, wav, sample_rate, subtype="FLOAT", format="WAV"))
+    def write(tmp: str) -> None:
+        encoded = io.BytesIO()
+        sf.write(encoded, wav, sample_rate, subtype="FLOAT", format="WAV")
+        with open(tmp, "wb") as f:
+            f.write(encoded.getbuffer())
+
+    return write
 
 
-def save_codes(path: Path, codes: np.ndarray) -> None:
+def codes_writer(codes: np.ndarray) -> Callable[[str], None]:
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:
             np.save(f, codes.astype(np.int64))
 
-    write_atomic(path, write)
+    return write
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -259,13 +285,10 @@ def save_outputs(tok, job: Job, args: argparse.Namespace, codes: np.ndarray, wav
                                        "samples); nothing written")
         return
     try:
-        for kind, path in output_files(job, args).items():
-            if kind == "codes":
-                save_codes(path, codes)
-            else:
-                save_wav(path, wave, tok.sample_rate)
-    except (OSError, RuntimeError) as e:  # soundfile raises RuntimeError subclasses
-        progress.fail(str(job.source), f"{job.source}: cannot write {path} ({getattr(e, 'strerror', None) or e})")
+        write_atomic({path: codes_writer(codes) if kind == "codes" else wav_writer(wave, tok.sample_rate)
+                      for kind, path in output_files(job, args).items()})
+    except OSError as e:
+        progress.fail(str(job.source), f"{job.source}: {e}")
         return
     progress.ok(seconds)
 

@@ -560,3 +560,24 @@ def test_17_timedelta_codes_and_a_huge_seed_are_refused_as_such(tmp_path, capsys
     with pytest.raises(SystemExit) as usage:
         infer.main(["--checkpoint", str(tmp_path), "--seed", str(2**64), str(tmp_path / "x.wav")])
     assert usage.value.code == 2 and "--seed" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ 15: a failed input leaves no file
+
+
+def test_15_a_failed_save_leaves_no_codes_behind(tiny_checkpoint, tmp_path, capsys):
+    import infer
+
+    out = tmp_path / "out"
+    (out / "x.wav").mkdir(parents=True)  # the wave output cannot be written
+    rc = infer.main(["--checkpoint", str(tiny_checkpoint), "--steps", "1", str(_clip(tmp_path / "x.wav")),
+                     "-o", str(out)])
+    assert rc == 1 and "cannot write" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["x.wav"] and not list((out / "x.wav").iterdir())
+
+
+def test_15_a_full_disk_is_named_as_such():
+    from almtok_jax.infer import wav_writer
+
+    with pytest.raises(OSError, match="No space left on device"):
+        wav_writer(np.zeros(24000, np.float32), 24000)("/dev/full")  # writes fail with ENOSPC
