@@ -581,3 +581,12 @@ def test_15_a_full_disk_is_named_as_such():
 
     with pytest.raises(OSError, match="No space left on device"):
         wav_writer(np.zeros(24000, np.float32), 24000)("/dev/full")  # writes fail with ENOSPC
+
+
+# ----------------------------------------------------------------------------- 18: what the README claims
+
+
+def test_18_the_readme_says_what_multi_process_training_reproduces():
+    paragraph = next(p for p in (REPO / "README.md").read_text().split("\n\n") if "2 processes × 4 devices" in p)
+    text = " ".join(paragraph.split())
+    assert "exactly like 1 × 8" not in text and "float32 rounding" in text and "not bit-identical" in text
