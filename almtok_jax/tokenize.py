@@ -25,8 +25,10 @@ shard_size)``, whatever the number of processes, so runs on 1 or N hosts write t
 
 Many hosts: every process runs the same command with ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and
 ``JAX_PROCESS_ID`` set; process ``p`` of ``P`` encodes the shards ``k`` with ``k % P == p`` and writes only
-those. ``--out`` must be a folder every process sees. A rerun skips the complete shards and redoes the
-others, so an interrupted run (even ``kill -9``) followed by a rerun writes the bytes of an uninterrupted one.
+those. ``--out`` must be a folder every process sees. A rerun skips the complete shards (size and record
+count as their ``.json`` says) and redoes the others, so an interrupted run (even ``kill -9``) followed by a
+rerun writes the bytes of an uninterrupted one; shards of another model (:func:`model_identity`), file list
+or setting are refused.
 Unreadable, empty, non-finite or too-short files are listed as failures with the reason; the exit status is
 non-zero for them only with ``--strict``.
 
