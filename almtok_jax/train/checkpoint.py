@@ -291,7 +291,7 @@ def _shared_token() -> str:
     from jax.experimental import multihost_utils
 
     words = np.frombuffer(bytes.fromhex(token), np.uint32)
-    return multihost_utils.broadcast_one_to_all(words).astype(np.uint32).tobytes().hex()
+    return np.asarray(multihost_utils.broadcast_one_to_all(words), np.uint32).tobytes().hex()
 
 
 def save_model_dir(directory: str | os.PathLike, variables: dict, config_yaml_text: str,
