@@ -13,6 +13,7 @@ once per batch-size bucket.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -41,6 +42,7 @@ from almtok_jax.weights.model_dir import load_model, to_device
 # segment") or windows ("decoding window"), so a command can show progress inside a long file.
 WindowProgress = Callable[[str, int, int], None]
 TOKEN_OFFSET = 10000  # the reference's per-codebook offset in tokenize2 (not the codebook size)
+MAX_AMPLITUDE = 1e6  # larger samples are refused: float32 features of such audio overflow (~1e19 and up)
 # Longest code sequence one decode call accepts: 4 h at 12.5 Hz. Every window's latents and waveform are
 # held until the cross-fade (about 1.3 MB per 9 s of audio at full size), so the limit bounds memory (~2 GB).
 MAX_DECODE_FRAMES = 180_000
@@ -84,7 +86,7 @@ def check_codes(codes: np.ndarray, num_codebooks: int, codebook_size: int, where
     value in ``[0, codebook_size)``. The range is checked on the values as given, before any narrowing, so a
     code beyond int32 (``c + 2**40``) cannot wrap back into range. ``where`` names the source in the error."""
     codes = np.asarray(codes)
-    if codes.ndim != 2 or codes.shape[0] != num_codebooks or not np.issubdtype(codes.dtype, np.integer):
+    if codes.ndim != 2 or codes.shape[0] != num_codebooks or codes.dtype.kind not in "iu":  # no timedelta64
         raise ValueError(f"{where}: codes must be an integer array of shape ({num_codebooks}, T), "
                          f"got {codes.dtype} {codes.shape}")
     if codes.shape[1] == 0:
@@ -183,6 +185,10 @@ class ALMTokenizer2:
             raise AudioError("empty audio: no samples to encode")
         if not np.all(np.isfinite(wav)):
             raise AudioError("audio contains NaN or infinite samples")
+        peak = float(np.max(np.abs(wav)))
+        if peak > MAX_AMPLITUDE:  # its power is not finite in float32: every feature NaN, every code 0
+            raise AudioError(f"audio peak {peak:.3g} exceeds {MAX_AMPLITUDE:g}: not an audio signal (samples are "
+                             "expected within about [-1, 1])")
         if sample_rate != self.sample_rate:
             # Zero-padded to whole seconds (the resampler pads with zeros anyway, so the kept samples are
             # unchanged): one compilation per duration in seconds, not per file length.
@@ -259,6 +265,8 @@ class ALMTokenizer2:
             base = replace(RELEASE_SAMPLER, guidance_scale=self.config.sampler.guidance_scale)
         else:
             base = self.config.sampler
+        if guidance is not None and not math.isfinite(guidance):
+            raise ValueError(f"guidance {guidance}: the guidance scale must be a finite number")
         overrides = {k: v for k, v in (("num_steps", steps), ("guidance_scale", guidance), ("solver", solver))
                      if v is not None}
         return replace(base, **overrides)

@@ -142,7 +142,9 @@ def read_yaml(path: str | Path) -> Any:
     try:
         return yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not valid YAML (not UTF-8 text: {e.reason} at byte {e.start})") from None
 
 
 def load_yaml(cls: type[T], path: str | Path) -> T:

@@ -100,4 +100,4 @@ def test_a_damaged_tensor_found_while_writing_leaves_nothing(tmp_path, capsys):
     out = tmp_path / "model"
     assert convert_torch_weights.main(["--release", str(release), "--out", str(out)]) == 1
     assert f"{checkpoint}: record '{info.filename}' is corrupt" in capsys.readouterr().err
-    assert not out.exists() and not (tmp_path / "model.tmp").exists()
+    assert not out.exists() and not list(tmp_path.glob(".model.*"))

@@ -66,7 +66,8 @@ def test_noisy_folder_scores_lower_and_failures_are_recorded(references, tmp_pat
         noise = np.array(jax.random.normal(jax.random.key(i), wav.shape), np.float64)
         noise *= np.sqrt(np.mean(wav ** 2) / np.mean(noise ** 2) / 10 ** (10 / 10))  # 10 dB SNR at 24 kHz
         sf.write(degraded / f"{name}.flac", wav + noise, sr)  # matched by name, not extension
-    sf.write(degraded / "p232_001.wav", np.zeros(24000), 24000)
+    silence = np.zeros(round(sf.info(AUDIO / "speech" / "p232_001.wav").duration * 24000))  # of the same length
+    sf.write(degraded / "p232_001.wav", silence, 24000)
     sf.write(degraded / "extra.wav", np.zeros(24000), 24000)
 
     out = tmp_path / "out"

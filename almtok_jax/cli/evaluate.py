@@ -43,6 +43,7 @@ from almtok_jax.audio import AudioError, load_audio, resample, to_mono
 from almtok_jax.cli.report import category_of, write_report
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
+LENGTH_TOLERANCE_S = 0.1  # a reconstruction may differ from its reference by about a token frame (80 ms)
 CSV_COLUMNS = ("file", "duration_s", *metrics.METRIC_NAMES, "error")
 PLOT_DB_RANGE = 80.0
 REPORT_LABELS = ("original", "reconstruction")
@@ -113,9 +114,15 @@ def load_clip(path: Path) -> tuple[np.ndarray, int]:
 
 def score_row(name: str, reference: np.ndarray, reference_sr: int, degraded: np.ndarray,
               degraded_sr: int) -> dict[str, Any]:
-    """One CSV row: the metrics of a pair, and the reasons of those that failed in ``error``."""
+    """One CSV row: the metrics of a pair, and the reasons of those that failed in ``error``. Signals whose
+    durations differ by more than :data:`LENGTH_TOLERANCE_S` are not scored (an error row, out of the means):
+    trimmed to the shorter one, a reconstruction of half the clip would score as a perfect one."""
+    duration_s, degraded_s = reference.shape[-1] / reference_sr, degraded.shape[-1] / degraded_sr
+    if abs(duration_s - degraded_s) > LENGTH_TOLERANCE_S:
+        return error_row(name, f"length mismatch: the reference lasts {duration_s:.2f} s, the degraded signal "
+                               f"{degraded_s:.2f} s (more than {LENGTH_TOLERANCE_S} s apart): not scored",
+                         duration_s)
     values, errors = metrics.compute_metrics(reference, degraded, reference_sr, degraded_sr)
-    duration_s = reference.shape[-1] / reference_sr
     return {"file": name, "duration_s": duration_s, **values, "error": _join_errors(errors)}
 
 
@@ -183,7 +190,8 @@ def settings_of_metrics() -> dict[str, Any]:
         "mel_floor": metrics.MEL_FLOOR,
         "min_seconds": metrics.MIN_SECONDS,
         "silence_dbfs": metrics.SILENCE_DBFS,
-        "alignment": "mono, resampled to 16 kHz, trimmed to the shorter signal",
+        "alignment": f"mono, resampled to 16 kHz, trimmed to the shorter signal; pairs whose lengths differ by "
+                     f"more than {LENGTH_TOLERANCE_S} s are not scored (error rows, out of the means)",
     }
 
 

@@ -15,10 +15,13 @@ OUTDIR, a broken model directory, no input files at all.
 from __future__ import annotations
 
 import argparse
+import errno
+import io
 import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,7 +59,7 @@ def plan_jobs(paths: list[Path], suffixes: set[str], outdir: Path, decode: bool
         if p.is_dir():
             candidates = [(f, f.relative_to(p)) for f in sorted(p.rglob("*"))
                           if f.suffix.lower() in suffixes and not f.is_dir()]
-        elif p.exists():
+        elif p.exists() or p.is_symlink():
             candidates = [(p, Path(p.name))]
         else:
             problems.append((p, "no such file or folder"))
@@ -65,8 +68,19 @@ def plan_jobs(paths: list[Path], suffixes: set[str], outdir: Path, decode: bool
             if f.is_file():
                 jobs.append(Job(f, outdir / output_stem(relative, decode)))
             else:
-                problems.append((f, "not a regular file (a pipe, socket or device): skipped"))
+                problems.append((f, f"{unreadable_reason(f)}: skipped"))
     return jobs, problems
+
+
+def unreadable_reason(path: Path) -> str:
+    """Why ``path``, which is not a regular file, cannot be read, in words."""
+    try:
+        path.stat()
+    except OSError as e:
+        if path.is_symlink():
+            return "a symbolic link loop" if e.errno == errno.ELOOP else "a symbolic link to a missing file"
+        return e.strerror or str(e)
+    return "not a regular file (a pipe, socket or device)"
 
 
 def output_files(job: Job, args: argparse.Namespace) -> dict[str, Path]:
@@ -78,7 +92,12 @@ def output_files(job: Job, args: argparse.Namespace) -> dict[str, Path]:
 
 def check_collisions(jobs: list[Job], args: argparse.Namespace) -> None:
     """Refuse, before any work, outputs that would overwrite an input or each other."""
-    inputs = {j.source.resolve(): j.source for j in jobs}
+    inputs: dict[Path, Path] = {}
+    for job in jobs:
+        key = job.source.resolve()
+        if key in inputs:
+            raise UsageError(f"{inputs[key]} and {job.source} are the same file ({key}); give it once")
+        inputs[key] = job.source
     writer: dict[Path, Path] = {}
     for job in jobs:
         for path in output_files(job, args).values():
@@ -116,34 +135,58 @@ def load_npy(path: Path) -> np.ndarray:
             raise ValueError(f"{path}: not a plain numeric .npy array ({e})") from None
 
 
-def write_atomic(path: Path, write) -> None:
-    """``write(tmp_path)`` into a temporary file beside ``path``, then rename over it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
+def write_atomic(outputs: dict[Path, Callable[[str], None]]) -> None:
+    """Each ``write(tmp_path)`` into a temporary file beside its path; once every one is written, each is
+    renamed over its path. A failure leaves none of them: the temporary files are removed, and so are
+    the outputs of this call already renamed."""
+    staged: list[tuple[str, Path]] = []
+    renamed: list[Path] = []
+    path = None
     try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
+        for path, write in outputs.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+            os.close(fd)
+            staged.append((tmp, path))
+            write(tmp)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
+        for tmp, path in staged:
+            os.replace(tmp, path)
+            renamed.append(path)
+    except BaseException as e:
+        for done in renamed:
+            done.unlink(missing_ok=True)
+        if isinstance(e, OSError | RuntimeError):  # soundfile raises RuntimeError subclasses
+            raise OSError(f"cannot write {path} ({getattr(e, 'strerror', None) or e})") from None
+        raise
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        for tmp, _ in staged:
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
 
-def save_wav(path: Path, wav: np.ndarray, sample_rate: int) -> None:
+def wav_writer(wav: np.ndarray, sample_rate: int) -> Callable[[str], None]:
+    """Encodes float WAV in memory, then writes the bytes with Python, so a full disk reads "No space left on
+    device" (libsndfile writing a file says only "System error.")."""
     import soundfile as sf
 
-    write_atomic(path, lambda tmp: sf.write(tmp, wav, sample_rate, subtype="FLOAT", format="WAV"))
+    def write(tmp: str) -> None:
+        encoded = io.BytesIO()
+        sf.write(encoded, wav, sample_rate, subtype="FLOAT", format="WAV")
+        with open(tmp, "wb") as f:
+            f.write(encoded.getbuffer())
+
+    return write
 
 
-def save_codes(path: Path, codes: np.ndarray) -> None:
+def codes_writer(codes: np.ndarray) -> Callable[[str], None]:
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:
             np.save(f, codes.astype(np.int64))
 
-    write_atomic(path, write)
+    return write
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -167,6 +210,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="'release' reproduces the reference infer.py exactly, defects included")
     p.add_argument("--batch-size", type=int, default=4, help="clips decoded together")
     args = p.parse_args(argv)
+    if not -(2 ** 63) <= args.seed < 2 ** 63:
+        p.error(f"--seed {args.seed}: must fit in 64 bits (from -2**63 to 2**63 - 1)")
     if not args.inputs and not args.decode:
         p.error("give audio INPUTs or --decode CODES.npy")
     if args.decode and (args.inputs or args.encode_only):
@@ -240,15 +285,16 @@ def encode_job(tok, job: Job, args: argparse.Namespace, progress: Progress) -> t
 
 def save_outputs(tok, job: Job, args: argparse.Namespace, codes: np.ndarray, wave: np.ndarray | None,
                  progress: Progress, seconds: float) -> None:
-    """Write one input's outputs; a write failure fails that input only."""
+    """Write one input's outputs; a write failure, or audio that is not finite, fails that input only."""
+    if wave is not None and not np.all(np.isfinite(wave)):
+        progress.fail(str(job.source), f"{job.source}: the decoded audio is not finite (NaN or infinite "
+                                       "samples); nothing written")
+        return
     try:
-        for kind, path in output_files(job, args).items():
-            if kind == "codes":
-                save_codes(path, codes)
-            else:
-                save_wav(path, wave, tok.sample_rate)
-    except (OSError, RuntimeError) as e:  # soundfile raises RuntimeError subclasses
-        progress.fail(str(job.source), f"{job.source}: cannot write {path} ({getattr(e, 'strerror', None) or e})")
+        write_atomic({path: codes_writer(codes) if kind == "codes" else wav_writer(wave, tok.sample_rate)
+                      for kind, path in output_files(job, args).items()})
+    except OSError as e:
+        progress.fail(str(job.source), f"{job.source}: {e}")
         return
     progress.ok(seconds)
 

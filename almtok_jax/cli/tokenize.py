@@ -26,8 +26,10 @@ shard_size)``, whatever the number of processes, so runs on 1 or N hosts write t
 
 Many hosts: every process runs the same command with ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and
 ``JAX_PROCESS_ID`` set; process ``p`` of ``P`` encodes the shards ``k`` with ``k % P == p`` and writes only
-those. ``--out`` must be a folder every process sees. A rerun skips the complete shards and redoes the
-others, so an interrupted run (even ``kill -9``) followed by a rerun writes the bytes of an uninterrupted one.
+those. ``--out`` must be a folder every process sees. A rerun skips the complete shards (size and record
+count as their ``.json`` says) and redoes the others, so an interrupted run (even ``kill -9``) followed by a
+rerun writes the bytes of an uninterrupted one; shards of another model (:func:`model_identity`), file list
+or setting are refused.
 Unreadable, empty, non-finite or too-short files are listed as failures with the reason; the exit status is
 non-zero for them only with ``--strict``.
 
@@ -54,12 +56,14 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from almtok_jax.audio import AudioError, load_audio, to_mono
+from almtok_jax.config import to_dict
 from almtok_jax.model import encode_segments
 from almtok_jax.pipeline import num_segments, num_tokens, segment_audio
 from almtok_jax.records import SHARD_SUFFIX, code_dtype, encode_record
 from almtok_jax.tokenizer import TOKEN_OFFSET, ALMTokenizer2
 from almtok_jax.train.data import ClipEntry, read_source
 from almtok_jax.train.sharding import maybe_initialize_distributed
+from almtok_jax.weights.model_dir import ModelDirError
 
 DEFAULT_SEGMENTS_PER_DEVICE = 8
 
@@ -118,16 +122,40 @@ def _write_json(path: Path, value) -> None:
     _write_atomic(path, lambda tmp: tmp.write_text(json.dumps(value, indent=1, sort_keys=True) + "\n"))
 
 
+def _record_count(path: Path) -> int | None:
+    """Records in an ArrayRecord file, or None when it cannot be opened (cut short, damaged)."""
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    try:
+        reader = ArrayRecordReader(str(path))
+        try:
+            return reader.num_records()
+        finally:
+            reader.close()
+    except Exception:  # noqa: BLE001 - any failure to open means the shard must be written again
+        return None
+
+
 def shard_is_complete(out: Path, shard: Shard, settings: dict) -> bool:
-    """Whether ``shard`` was written by a run with the same ``settings`` (a different run is an error)."""
+    """Whether ``shard`` is complete and was written by a run with the same ``settings`` (a different
+    run is an error). A shard whose ``.json`` cannot be read, or whose data file has not the size and
+    record count its ``.json`` records, is incomplete (written again)."""
     meta, data = out / f"{shard.name}.json", out / f"{shard.name}{SHARD_SUFFIX}"
     if not (meta.is_file() and data.is_file()):
         return False
-    written = json.loads(meta.read_text())["settings"]
-    if written != settings:
-        raise ValueError(f"{meta} was written with other settings ({written}, now {settings}); "
-                         "use a new --out folder")
-    return True
+    try:
+        written = json.loads(meta.read_text())
+        written_settings, index = written["settings"], written["index"]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        return False
+    if written_settings != settings:
+        changed = sorted(k for k in {**settings, **written_settings}
+                         if written_settings.get(k) != settings.get(k))
+        what = "another model" if changed == ["model"] else f"other settings ({', '.join(changed)})"
+        raise TokenizeError(f"{meta} was written by {what}; use a new --out folder or the same inputs")
+    if written.get("bytes", data.stat().st_size) != data.stat().st_size:
+        return False
+    return _record_count(data) == len(index)
 
 
 # ------------------------------------------------------------------------------------------ host loading
@@ -157,6 +185,8 @@ class LoadFile:
     def __call__(self, item: tuple[int, ClipEntry]) -> LoadedFile:
         index, entry = item
         try:
+            if entry.error is not None:
+                raise ValueError(entry.error)
             wav, rate = load_audio(entry.path)
             duration = wav.shape[-1] / rate
             if duration < self.min_seconds:
@@ -319,9 +349,11 @@ def encode_shards(tok: ALMTokenizer2, entries: Sequence[ClipEntry], shards: Sequ
                     "num_tokens": int(codes.shape[-1])}
             index.append({**meta, "shard": shard.name, "record": len(records), "shape": list(codes.shape)})
             records.append(encode_record(codes, meta))
-        _write_array_record(out / f"{shard.name}{SHARD_SUFFIX}", records)
+        data = out / f"{shard.name}{SHARD_SUFFIX}"
+        _write_array_record(data, records)
         _write_json(out / f"{shard.name}.json", {"settings": settings, "files": [shard.start, shard.stop],
-                                                 "index": index, "failures": failures})
+                                                 "index": index, "failures": failures,
+                                                 "bytes": data.stat().st_size})
 
 
 def summarize(out: Path, shards: Sequence[Shard], tok: ALMTokenizer2, settings: dict) -> tuple[dict, list[dict]]:
@@ -344,10 +376,23 @@ def summarize(out: Path, shards: Sequence[Shard], tok: ALMTokenizer2, settings: 
     }, index
 
 
-def run_settings(args: argparse.Namespace, entries: Sequence[ClipEntry]) -> dict:
-    """What the shards' contents depend on; a rerun must match them to reuse shards."""
+def model_identity(tok: ALMTokenizer2) -> str:
+    """SHA-256 of the model's config and of every variable's path, dtype, shape and bytes: the same for a
+    copy of a model wherever it lies, different for any other model."""
+    digest = hashlib.sha256(json.dumps(to_dict(tok.config), sort_keys=True).encode())
+    leaves = sorted(jax.tree_util.tree_flatten_with_path(tok.variables)[0], key=lambda kv: jax.tree_util.keystr(kv[0]))
+    for path, leaf in leaves:
+        array = np.ascontiguousarray(np.asarray(leaf))
+        digest.update(f"{jax.tree_util.keystr(path)} {array.dtype.str} {array.shape}".encode())
+        digest.update(memoryview(array).cast("B"))
+    return digest.hexdigest()
+
+
+def run_settings(args: argparse.Namespace, entries: Sequence[ClipEntry], model: str) -> dict:
+    """What the shards' contents depend on (``model``: :func:`model_identity`); a rerun must match them to
+    reuse shards."""
     files = hashlib.sha1("\n".join(e.path for e in entries).encode()).hexdigest()
-    return {"checkpoint": str(Path(args.checkpoint).resolve()), "compat": args.compat, "channels": args.channels,
+    return {"model": model, "compat": args.compat, "channels": args.channels,
             "shard_size": args.shard_size, "min_seconds": args.min_seconds, "files_sha1": files}
 
 
@@ -374,18 +419,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+class TokenizeError(ValueError):
+    """A run that cannot go on (reported on one line)."""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    maybe_initialize_distributed()
-    entries = read_source(args.data, tuple(args.extensions))
-    settings = run_settings(args, entries)
-    shards = plan_shards(len(entries), args.shard_size)
-    args.out.mkdir(parents=True, exist_ok=True)
-    mine = process_shards(shards, jax.process_index(), jax.process_count())
-    todo = [s for s in mine if not shard_is_complete(args.out, s, settings)]
+    try:
+        if args.shard_size < 1:
+            raise TokenizeError(f"--shard-size {args.shard_size}: must be at least 1")
+        maybe_initialize_distributed()
+        entries = read_source(args.data, tuple(args.extensions))
+        tok = ALMTokenizer2.from_pretrained(args.checkpoint, compat=args.compat)
+        settings = run_settings(args, entries, model_identity(tok))
+        shards = plan_shards(len(entries), args.shard_size)
+        args.out.mkdir(parents=True, exist_ok=True)
+        mine = process_shards(shards, jax.process_index(), jax.process_count())
+        todo = [s for s in mine if not shard_is_complete(args.out, s, settings)]
+    except (TokenizeError, ModelDirError, OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     batch = args.batch_segments or DEFAULT_SEGMENTS_PER_DEVICE * jax.local_device_count()
-
-    tok = ALMTokenizer2.from_pretrained(args.checkpoint, compat=args.compat)
     progress = Progress(sum(s.stop - s.start for s in mine), sum(s.stop - s.start for s in mine if s not in todo),
                         enabled=not args.quiet)
     if todo:

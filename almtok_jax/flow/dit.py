@@ -31,6 +31,7 @@ Array = jax.Array
 # Reference key prefix of the estimator inside the AudioDiffusion1D state dict.
 ESTIMATOR_PREFIX = "cfm_wrapper.estimator."
 ATTENTION_KERNELS = ("explicit", "xla", "cudnn", "auto")
+MAX_POSITION_TABLE_VALUES = 1 << 28  # 1 GiB of float32: 87 000 rows at the release's width (3000 used)
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,10 @@ class DiTConfig:
             raise ValueError(f"DiTConfig: dtype {self.dtype!r} is not 'float32' or 'bfloat16'")
         if self.attention not in ATTENTION_KERNELS:
             raise ValueError(f"DiTConfig: attention {self.attention!r} is not one of {ATTENTION_KERNELS}")
+        if not 1 <= self.num_positional_embeddings * self.inner_dim <= MAX_POSITION_TABLE_VALUES:
+            # checked here, before any module is built: the table is computed even for shapes alone
+            raise ValueError(f"DiTConfig: num_positional_embeddings {self.num_positional_embeddings} x inner dim "
+                             f"{self.inner_dim} is outside 1..{MAX_POSITION_TABLE_VALUES} table values")
 
     @property
     def inner_dim(self) -> int:

@@ -18,6 +18,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from almtok_jax.train import integrity
 from almtok_jax.train.config import CheckpointConfig
 from almtok_jax.weights.model_dir import location, quiet_closed_loop_reports, save_model_dir
 
@@ -32,13 +33,22 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(max_to_keep=config.keep, create=True,
                                                enable_async_checkpointing=config.async_save)
         self.manager = ocp.CheckpointManager(location(directory), options=options,
-                                             item_names=("state",))
+                                             item_names=("state", "checksums"))
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state: Any) -> None:
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=True)
+    def save(self, step: int, state: Any) -> bool:
+        """Save ``state`` with the word sums of its arrays (:mod:`~almtok_jax.train.integrity`), unless a
+        floating value of it is not finite: such a state is never written (nor can it rotate a finite
+        checkpoint away). Returns whether it was saved."""
+        sums, finite = integrity.inspect(state)
+        if not finite:
+            log.warning("step %d: the training state holds NaN or infinite values; no checkpoint written", step)
+            return False
+        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                        checksums=ocp.args.JsonSave(sums)), force=True)
+        return True
 
     def restore(self, abstract_state: Any, step: int | None = None) -> Any:
         """Restore ``step`` onto the shardings of ``abstract_state`` (``ShapeDtypeStruct``s with
@@ -72,8 +82,19 @@ class Checkpointer:
                                 f"to {aside})")
 
     def _restore_step(self, step: int, abstract_state: Any) -> Any:
-        return self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))[
-            "state"]
+        """The state of checkpoint ``step``, its arrays checked against the word sums written with them
+        (checkpoints written before the sums existed are read unchecked)."""
+        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        checked = (epath.Path(self.manager.directory) / str(step) / "checksums").exists()
+        if checked:
+            items["checksums"] = ocp.args.JsonRestore()
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        if checked:
+            bad = integrity.mismatches(restored["checksums"], integrity.inspect(restored["state"])[0])
+            if bad:
+                raise ValueError(f"checkpoint {step}: {len(bad)} arrays do not match the checksum written with "
+                                 f"them ({', '.join(bad[:3])}): the data changed on disk")
+        return restored["state"]
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -145,6 +145,8 @@ class TrainConfig:
     # device count), or per device as the reference's DDP does (Σ w·err² / Σ w on each device's rows, then
     # the mean over devices; equal to the global one when every row has the same weight sum).
     loss_normalization: Literal["global_batch", "per_device"] = "global_batch"
+    # Updates skipped in a row (loss or gradient not finite) after which the run stops as diverged.
+    max_skipped_in_a_row: int = 5
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)

@@ -1,7 +1,8 @@
 """Training input pipeline (grain), spec ``04-sqcodec-training.md`` B.2-B.5.
 
 Sources: the reference's list file (one clip per line, four tab-separated fields ``name, path, duration,
-sample rate``; lines with another field count are skipped) or a folder searched recursively for
+sample rate``; blank lines and ``#`` comments are skipped, any other line that names no clip is reported
+as an unreadable clip, never dropped silently) or a folder searched recursively for
 wav/flac/ogg files. Per clip, on the host: read a segment of ``segment_seconds`` (a random offset by
 default, the file's start with ``crop=start`` like the reference), average the channels, zero-pad,
 resample to 24 kHz with the reference resampler, and apply the reference ``VolumeNorm`` (B.4: skip if
@@ -50,23 +51,36 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ClipEntry:
+    """One clip of the data; ``error`` set (and ``path`` = ``LIST:LINE``) for a list line that names none."""
+
     path: str
     duration: float | None = None
     sample_rate: int | None = None
+    error: str | None = None
+
+
+def _list_entry(line: str, where: str, folder: epath.Path) -> ClipEntry:
+    """One list line (4 tab-separated fields) as a clip, or as an entry carrying what is wrong with it."""
+    fields = line.split("\t")
+    if len(fields) != 4:
+        return ClipEntry(where, error=f"{where}: expected 4 tab-separated fields (name, path, duration, sample "
+                                      f"rate), got {len(fields)}: {line[:200]!r}")
+    _, audio, duration, rate = fields
+    audio_path = audio if "://" in audio or os.path.isabs(audio) else str(folder / audio)
+    try:
+        return ClipEntry(audio_path, float(duration), int(rate))
+    except ValueError:
+        return ClipEntry(where, error=f"{where}: duration {duration!r} or sample rate {rate!r} is not a number")
 
 
 def read_list(path: str | os.PathLike) -> list[ClipEntry]:
-    """Parse a 4-column tab-separated list; relative audio paths are resolved against the list's folder."""
+    """Parse a 4-column tab-separated list; relative audio paths are resolved against the list's folder.
+    Blank lines and ``#`` comments are skipped; every other line is an entry, those that name no clip with
+    their ``error`` (reported, never dropped silently)."""
     path = epath.Path(path)
-    entries = []
-    for line in path.read_text().splitlines():
-        fields = line.rstrip("\n").split("\t")
-        if len(fields) != 4:
-            continue
-        _, audio, duration, rate = fields
-        audio_path = audio if "://" in audio or os.path.isabs(audio) else str(path.parent / audio)
-        entries.append(ClipEntry(audio_path, float(duration), int(rate)))
-    return entries
+    lines = enumerate(path.read_text().splitlines(), start=1)
+    return [_list_entry(line, f"{path}:{n}", path.parent) for n, line in lines
+            if line.strip() and not line.lstrip().startswith("#")]
 
 
 def scan_folder(folder: str | os.PathLike, extensions: tuple[str, ...]) -> list[ClipEntry]:
@@ -151,13 +165,15 @@ class LoadClip(grain.transforms.RandomMap):
             if attempt:
                 entry = self.entries[(index + attempt) % len(self.entries)]
             try:
-                return self.load(entry.path, rng)
+                return self.load(entry, rng)
             except Exception as err:  # a corrupt clip must never stop training
                 log.warning("skipping unreadable clip %s: %s", entry.path, err)
         raise RuntimeError("no clip of the training data could be read")
 
-    def load(self, path: str, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        c = self.config
+    def load(self, entry: ClipEntry, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        if entry.error is not None:
+            raise ValueError(entry.error)
+        c, path = self.config, entry.path
         wav, rate = read_segment(path, c.segment_seconds, c.crop, rng)
         target = c.loudness_target_lufs + rng.uniform(-c.loudness_jitter_lu, c.loudness_jitter_lu)
         valid = min(int(round(wav.size * c.sample_rate / rate)), c.segment_samples)
@@ -227,4 +243,10 @@ def make_loader(source: str | os.PathLike, config: DataConfig, seed: int, *, shu
 
 
 def dataset_size(source: str | os.PathLike, config: DataConfig) -> int:
-    return len(read_source(source, config.extensions))
+    """Clips in ``source``, after checking that at least one of them exists (a list naming only missing
+    files would otherwise fail only once the first batch is read, after the whole set-up)."""
+    entries = read_source(source, config.extensions)
+    if not any(e.error is None and epath.Path(e.path).exists() for e in entries):
+        first = entries[0].error or f"{entries[0].path}: no such file"
+        raise FileNotFoundError(f"training data {source}: none of its {len(entries)} clips exists ({first})")
+    return len(entries)

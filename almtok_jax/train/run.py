@@ -36,9 +36,11 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from almtok_jax.config import load_model_config, load_yaml, override, save_yaml, to_dict
 from almtok_jax.train import data as data_lib
+from almtok_jax.train import integrity
 from almtok_jax.train import sharding as shard_lib
 from almtok_jax.train.checkpointer import Checkpointer, abstract_with_shardings, export_params
 from almtok_jax.train.config import TrainConfig
+from almtok_jax.train.interrupt import stop_on_signals
 from almtok_jax.train.reporting import TrainLogger, setup_console
 from almtok_jax.train.state import (
     Task,
@@ -53,7 +55,7 @@ from almtok_jax.train.state import (
     path_names,
 )
 from almtok_jax.train.task import build_task, is_task_reference
-from almtok_jax.weights.model_dir import location
+from almtok_jax.weights.model_dir import check_replaceable, location
 
 log = logging.getLogger("almtok_jax.train")
 
@@ -69,6 +71,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="delete the run already in --workdir (checkpoints, logs) and start over")
     parser.add_argument("--multihost", action="store_true", help="call jax.distributed.initialize()")
     parser.add_argument("--export", default=None, help="write the trained weights as a model directory")
+    parser.add_argument("--force", action="store_true", help="let --export replace an existing model directory")
     parser.add_argument("overrides", nargs="*", help="dotted key=value config overrides")
     args = parser.parse_args(argv)
     if args.resume and args.overwrite:
@@ -85,7 +88,7 @@ def reported_as_user_error() -> Iterator[None]:
     alone: they name the key, value or file, and a traceback would only hide it."""
     try:
         yield
-    except (ValueError, FileNotFoundError, yaml.YAMLError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, yaml.YAMLError) as e:
         raise SystemExit(f"error: {' '.join(str(e).split())}") from None
 
 
@@ -140,6 +143,9 @@ def main(argv: list[str] | None = None) -> None:
     with reported_as_user_error():
         config = override(load_yaml(TrainConfig, args.config), args.overrides)
     workdir = location(args.workdir)
+    if args.export:
+        with reported_as_user_error():  # before any work, not after the whole run
+            check_replaceable(args.export, args.force)
     prepare_workdir(workdir, args.resume, args.overwrite)
     primary = jax.process_index() == 0
     if primary:
@@ -208,23 +214,55 @@ def main(argv: list[str] | None = None) -> None:
                          resume_step=start if args.resume else None)
     hooks = EvalHooks(config, task, mesh, state_sh, frozen_sh, batch_sh, logger)
 
-    step = start
-    while step < total_steps:
-        batch = shard_lib.global_batch(next(train_iter), mesh)
-        state, metrics = train_step(state, frozen, batch)
-        step += 1
-        if step % config.logging.every == 0 or step == total_steps:
-            logger.log_train(step, jax.device_get(metrics))
-        if step == start + 1:
-            jax.block_until_ready(metrics)
-            logger.start(step)  # throughput figures leave out the first step (compilation)
-        if step % config.checkpoint.every == 0 or step == total_steps:
-            checkpointer.save(step, state)
-        hooks(step, state, frozen, batch)
+    step, skips, saved = start, SkipCounter(config.max_skipped_in_a_row), None
+    with stop_on_signals() as stop:
+        while step < total_steps and stop.signal is None:
+            batch = shard_lib.global_batch(next(train_iter), mesh)
+            state, metrics = train_step(state, frozen, batch)
+            step += 1
+            if step % config.logging.every == 0 or step == total_steps:
+                logger.log_train(step, jax.device_get(metrics))
+            if step == start + 1:
+                jax.block_until_ready(metrics)
+                logger.start(step)  # throughput figures leave out the first step (compilation)
+            skips.add(step, metrics["update_skipped"], saved)  # reads the previous step's flag: no stall
+            if step % config.checkpoint.every == 0 or step == total_steps or stop.signal is not None:
+                if not int(metrics["update_skipped"]) and checkpointer.save(step, state):
+                    saved = step
+            hooks(step, state, frozen, batch)
     checkpointer.close()
+    if stop.signal is not None:
+        logger.close()
+        where = f"checkpoint {saved} saved" if saved == step else f"no checkpoint at step {step}"
+        log.warning("stopped by %s at step %d (%s); continue with --resume", stop.signal.name, step, where)
+        raise SystemExit(128 + stop.signal.value)
     if args.export:
-        export_params(args.export, state.trainable, frozen, model_config_text(config), extra=state.extra)
+        if not integrity.inspect(state)[1]:
+            raise SystemExit(f"error: the trained state holds NaN or infinite values; nothing exported to "
+                             f"{args.export}")
+        export_params(args.export, state.trainable, frozen, model_config_text(config),
+                               extra=state.extra, force=args.force)
     logger.close()
+
+
+class SkipCounter:
+    """Stops the run once ``limit`` updates in a row were skipped (loss or gradient not finite). Each step's
+    flag is read when the next step has been dispatched, so the host never waits for the devices."""
+
+    def __init__(self, limit: int):
+        self.limit, self.in_a_row, self.pending = limit, 0, None
+
+    def add(self, step: int, skipped: jax.Array, saved: int | None) -> None:
+        if self.pending is not None:
+            previous, flag = self.pending
+            self.in_a_row = self.in_a_row + 1 if int(flag) else 0
+            if self.in_a_row >= self.limit:
+                last = f"checkpoint {saved} is the last written" if saved is not None else "no checkpoint written"
+                raise SystemExit(
+                    f"error: training diverged: the loss or gradient was not finite at steps "
+                    f"{previous - self.in_a_row + 1} to {previous} ({self.in_a_row} updates skipped in a row, "
+                    f"max_skipped_in_a_row={self.limit}); {last}. Lower optimizer.learning_rate or check the data")
+        self.pending = (step, skipped)
 
 
 def starting_point(task: Task, config: TrainConfig, init: Callable[[], tuple], optimizer: optax.GradientTransformation,

@@ -33,7 +33,9 @@ import yaml
 from etils import epath
 from flax import traverse_util
 
+from almtok_jax import folder_swap
 from almtok_jax.config import ALMTokenizer2Config, ConfigError, model_config_from_dict
+from almtok_jax.finite import describe, non_finite
 from almtok_jax.mapping import LazyVariable
 from almtok_jax.model import FROZEN, abstract_variables
 
@@ -117,6 +119,10 @@ class _OneAtATimeHandler(ocp.type_handlers.NumpyHandler):
         self._turn = self._turn or asyncio.Lock()
         async with self._turn:
             array = value.read() if isinstance(value, LazyVariable) else value
+            found = non_finite(array)
+            if found is not None:  # a model that computes NaN is never written
+                name = str(tspec.get("kvstore", {}).get("path", "")).rstrip("/").rsplit("/", 1)[-1]
+                raise ValueError(f"weight params/{name}: {describe(found, array.size)}; refusing to write it")
             store = await ts.open(ts.Spec(tspec), create=True, open=True, context=ts_context)
             await store.write(array, can_reference_source_data_indefinitely=True).commit
 
@@ -194,46 +200,60 @@ def _discard(folder: epath.Path, attempts: int = 40) -> None:
     log.warning("could not remove the half-written %s; delete it by hand", folder)
 
 
+def _shared_token() -> str:
+    """A fresh :func:`~almtok_jax.folder_swap.new_token`, the same on every process (the temporary folder
+    of a multi-host write is one folder)."""
+    token = folder_swap.new_token()
+    if jax.process_count() == 1:
+        return token
+    from jax.experimental import multihost_utils
+
+    words = np.frombuffer(bytes.fromhex(token), np.uint32)
+    return np.asarray(multihost_utils.broadcast_one_to_all(words), np.uint32).tobytes().hex()
+
+
 def save_model_dir(directory: str | os.PathLike, variables: dict, config_yaml_text: str,
                    force: bool = False) -> epath.Path:
     """Write ``variables`` (nested dict, e.g. ``{"frozen": ..., "trainable": ...}``; leaves are device
     arrays, NumPy arrays or :class:`~almtok_jax.mapping.LazyVariable`, read as they are written) and the
     config YAML.
 
-    Written to ``DIR.tmp`` (removed again if writing fails), then swapped in: an existing ``DIR``
-    (``force=True``, model directories only) is first renamed to ``DIR.replaced``, the new one renamed to
-    ``DIR``, then the old one deleted. A kill at any moment leaves a complete old or new model (at ``DIR``,
-    or only at ``DIR.replaced`` between the two renames, which the next save puts back first). Every process
-    calls it (orbax coordinates multi-host writes); process 0 renames.
+    Written to a temporary folder of our own (removed again if writing fails), then swapped in: an existing
+    ``DIR`` (``force=True``, model directories only) is first renamed aside, the new one renamed to
+    ``DIR``, then the old one deleted (names: :mod:`almtok_jax.folder_swap`; nothing else is touched).
+    Writers into one folder take turns, each checking ``DIR`` afresh, so a save that returns has left a
+    complete model of its own. A kill at any moment leaves a complete old or new model (at ``DIR``, or only
+    aside between the two renames, which the next save puts back first). Every process calls it (orbax
+    coordinates multi-host writes); process 0 locks and renames.
     """
     directory = location(directory)
-    tmp = directory.with_name(directory.name + ".tmp")
-    aside = directory.with_name(directory.name + ".replaced")
+    token = _shared_token()
+    tmp, aside = folder_swap.temporary_path(directory, token), folder_swap.aside_path(directory, token)
     primary = jax.process_index() == 0
-    if primary and aside.is_dir():  # a swap was interrupted
-        if is_model_dir(directory):
-            aside.rmtree()  # after the second rename: the new model is in place
-        elif not directory.exists() and is_model_dir(aside):
-            aside.rename(directory)  # between the renames: put the old model back
-    check_replaceable(directory, force)
     yaml.safe_load(config_yaml_text)  # refuse to write a config that cannot be read back
-    if primary and tmp.exists():
-        tmp.rmtree()
-    try:
-        _write_params(tmp / "params", variables)
-    except BaseException:
-        quiet_closed_loop_reports()
+    with folder_swap.parent_lock(directory) if primary else contextlib.nullcontext():
         if primary:
-            _discard(tmp)
-        raise
-    if primary:
-        (tmp / "config.yaml").write_text(config_yaml_text)
-        replacing = directory.exists()
-        if replacing:
-            directory.rename(aside)
-        tmp.rename(directory)
-        if replacing:
-            aside.rmtree()
+            folder_swap.recover(directory, is_model_dir)
+        check_replaceable(directory, force)
+        if primary:
+            tmp.mkdir(parents=True)
+            (tmp / folder_swap.MARKER).write_text("a model directory being written by almtok-jax\n")
+        try:
+            _write_params(tmp / "params", variables)
+        except BaseException:
+            quiet_closed_loop_reports()
+            if primary:
+                _discard(tmp)
+            raise
+        if primary:
+            (tmp / "config.yaml").write_text(config_yaml_text)
+            replacing = directory.exists()
+            if replacing:
+                directory.rename(aside)
+            tmp.rename(directory)
+            (directory / folder_swap.MARKER).unlink()
+            if replacing:
+                aside.rmtree()
     return directory
 
 
@@ -277,6 +297,12 @@ def load_model_dir(directory: str | os.PathLike) -> tuple[dict, dict]:
         reason = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
         raise ModelDirError(f"{directory}: the weights in params/ cannot be read, a file is missing or damaged "
                             f"({reason}); convert or export the model again") from None
+    for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]:
+        found = non_finite(leaf)
+        if found is not None:
+            name = "/".join(str(getattr(k, "key", k)) for k in path)
+            raise ModelDirError(f"{directory}: variable {name}: {describe(found, leaf.size)}; "
+                                "convert or export the model again")
     return variables, config
 
 

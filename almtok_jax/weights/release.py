@@ -19,8 +19,6 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from almtok_jax.component import DIT_CONFIG, SQ_CONFIG, WHISPER_CONFIG
 from almtok_jax.config import ALMTokenizer2Config, read_yaml
 from almtok_jax.sqcodec import SQCodecConfig, sq_config_from_section
@@ -147,7 +145,7 @@ def download_release(hub, repo_id: str, checkpoint_file: str | None = None, revi
         downloaded[name] = Path(hub.hf_hub_download(repo_id, name, **at))
         return downloaded[name]
 
-    train_args = yaml.safe_load(get("config.yaml").read_text()) if "config.yaml" in listed else {}
+    train_args = read_yaml(get("config.yaml")) if "config.yaml" in listed else {}
     train_args = train_args if isinstance(train_args, dict) else {}
     wanted = set()
     for arg, default in _NAMED_FILES:
@@ -206,7 +204,7 @@ def read_release(folder: str | Path, config: ALMTokenizer2Config | None = None,
     if not folder.is_dir():
         raise ReleaseError(f"release folder {folder} does not exist")
     train_yaml = folder / "config.yaml"
-    train_args = yaml.safe_load(train_yaml.read_text()) if train_yaml.is_file() else {}
+    train_args = read_yaml(train_yaml) if train_yaml.is_file() else {}
     if not isinstance(train_args, dict):
         raise ReleaseError(f"{train_yaml}: not a mapping of training arguments")
     files = read_release_files(folder, train_args)
