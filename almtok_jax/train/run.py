@@ -222,7 +222,9 @@ def main(argv: list[str] | None = None) -> None:
             checkpointer.save(step, state)
         hooks(step, state, frozen, batch)
     checkpointer.close()
-    if args.export:
+    if args.export and task.export_fn is not None:
+        task.export_fn(args.export, state.trainable, frozen, state.extra)
+    elif args.export:
         ckpt_lib.export_params(args.export, state.trainable, frozen, model_config_text(config),
                                extra=state.extra)
     logger.close()
