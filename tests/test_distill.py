@@ -89,7 +89,8 @@ def test_distill_trains_exports_and_infer_decodes_with_the_student(tiny_checkpoi
             "--steps", "2", "--export", str(export), f"frozen_from={tiny_checkpoint}",
             f"trainable_init={tiny_checkpoint}", f"data.train={AUDIO / 'speech'}", "data.segment_seconds=1.0",
             "data.global_batch_size=2", "distill.levels=[0,1,2]", "distill.teacher_steps=2",
-            "distill.teacher_solver=euler", "schedule.warmup_steps=0", "optimizer.learning_rate=1e-2"]
+            "distill.teacher_solver=euler", "schedule.warmup_steps=0", "optimizer.learning_rate=1e-2",
+            "logging.every=1"]
     run.main(argv)
     records = [yaml.safe_load(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2]
