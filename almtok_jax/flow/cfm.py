@@ -179,7 +179,7 @@ RUNGE_KUTTA: dict[str, tuple[tuple[float, ...], tuple[tuple[float, ...], ...], t
 # its order: with an Euler start it converges at order 2.)
 ADAMS_BASHFORTH = {"ab2": 2}
 Solver = Literal["euler", "midpoint", "heun", "rk4", "ab2", "shortcut"]
-SOLVERS = get_args(Solver)
+SOLVERS = tuple(s for s in get_args(Solver) if s != "shortcut")  # the ODE solvers of any velocity field
 SOLVER_ORDER = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4, "ab2": 2, "shortcut": 1}
 TimeGrid = Literal["uniform", "power", "cosine"]
 TIME_GRIDS = get_args(TimeGrid)
@@ -189,7 +189,7 @@ TIME_GRIDS = get_args(TimeGrid)
 class SamplerConfig:
     """ODE sampler settings (spec 03 §5.3). :data:`RELEASE_SAMPLER` is what the released ``infer.py`` runs.
 
-    ``solver`` is one of :data:`SOLVERS`; ``time_grid`` places the ``num_steps + 1`` times in [0, 1]:
+    ``solver`` is one of :data:`SOLVERS` or ``shortcut``; ``time_grid`` places the ``num_steps + 1`` times in [0, 1]:
     ``uniform`` (the reference's float32 linspace), ``power`` (``t = s^grid_power``) or ``cosine``
     (``t = 1 − cos(π s / 2)``), the last two with shorter steps near t = 0. ``num_steps`` counts solver
     steps; :attr:`evaluations` is what a window costs (RK4: 4 per step), :attr:`passes` the DiT batches.
@@ -210,8 +210,8 @@ class SamplerConfig:
     guidance: Literal["cfg", "baked"] = "cfg"
 
     def __post_init__(self) -> None:
-        if self.solver not in SOLVERS:
-            raise ValueError(f"SamplerConfig: unknown solver {self.solver!r} ({' | '.join(SOLVERS)})")
+        if self.solver not in get_args(Solver):
+            raise ValueError(f"SamplerConfig: unknown solver {self.solver!r} ({' | '.join(get_args(Solver))})")
         if self.time_grid not in TIME_GRIDS:
             raise ValueError(f"SamplerConfig: unknown time_grid {self.time_grid!r} ({' | '.join(TIME_GRIDS)})")
         if self.num_steps < 1:
