@@ -123,8 +123,8 @@ def generate_latents(variables: Mapping, codes: Array, prompt: Array, prompt_len
     mu = fill_padding(cond, masks, zero_condition(variables["flow"]))
     estimator = DiTEstimator(config.dit)
     est_vars = estimator_variables(variables["flow"])
-    latents, _ = sample(lambda h, t: estimator.apply(est_vars, h, t), mu, incontext_latents(prompt, masks),
-                        prompt_len, x0, sampler)
+    latents, _ = sample(lambda h, t, *step: estimator.apply(est_vars, h, t, *step), mu,
+                        incontext_latents(prompt, masks), prompt_len, x0, sampler)
     return latents
 
 

@@ -6,9 +6,15 @@
 For a trained flow decoder (any model directory: ``train.py --export``, ``convert_torch_weights.py``) this
 encodes real clips, takes the first decoding window of each (no prompt), and samples it with every
 (solver, time grid, step count) setting from the same initial noise and guidance (1.5), and with the
-reference solution (``--reference rk4:512``). Per setting it reports the latent relative L2 error
+reference solution (``--reference rk4:512``). With ``--student DIR`` (a model directory of ``train.py
+--export`` from the distillation task, ``configs/distill_tiny.yaml``) it adds the student's rows at
+``--student-steps`` from the same codes and noise, and for every row the mel distance, PESQ and STOI of its
+audio against the teacher's Euler-50 audio (each clip cut to its length); ``--long S`` also decodes an
+S-second concatenation of the clips through the long-audio windows (prompt re-imposed) with the teacher's
+RK4-4 / Euler-50 and the student, against the teacher's RK4-64. Per setting it reports the latent relative L2 error
 ``‖x − x_ref‖ / ‖x_ref‖`` and the SQ-decoded waveform relative L2 error against the reference solution
-(over all clips together), and the estimator evaluations per window. A setting **qualifies** when both
+(over all clips together), the estimator evaluations and DiT passes per window (a guided evaluation is a
+doubled batch: two passes). A setting **qualifies** when both
 errors are at most those of Euler with 50 uniform steps (the reference's sampler). Writes ``fidelity.md``
 (a markdown table, cheapest qualifying setting marked), ``fidelity.json`` and ``fidelity.png`` (error vs
 estimator evaluations) under ``--out``.
@@ -50,6 +56,7 @@ from almtok_jax.flow.cfm import (  # noqa: E402
     inference_masks,
 )
 from almtok_jax.flow.dit import DiTEstimator  # noqa: E402
+from almtok_jax.metrics import MetricError, mel_distance, pesq_score, prepare_pair, stoi_score  # noqa: E402
 from almtok_jax.model import condition, decode_latents, generate_latents  # noqa: E402
 from almtok_jax.pipeline import plan_windows, window_codes  # noqa: E402
 from almtok_jax.tokenizer import ALMTokenizer2  # noqa: E402
@@ -110,6 +117,10 @@ def main() -> None:
                         help="run only these settings (Euler 50 uniform, the bar, is always added)")
     parser.add_argument("--roughness", action="store_true", help="measure v(x, t) on a fine t grid instead")
     parser.add_argument("--roughness-points", type=int, default=4000)
+    parser.add_argument("--student", type=Path, default=None, help="a distilled student's model directory")
+    parser.add_argument("--student-steps", default="1,2,4,8", help="student step counts")
+    parser.add_argument("--long", type=float, default=0.0, help="also decode this many seconds of the clips "
+                        "through the long-audio windows")
     args = parser.parse_args()
 
     tok = ALMTokenizer2.load(args.model)
@@ -120,9 +131,16 @@ def main() -> None:
     if args.roughness:
         return roughness(tok, codes[:1], x0[:1], base, args)
 
-    def run(sampler: SamplerConfig) -> tuple[np.ndarray, np.ndarray]:
-        latents = generate_latents(tok.variables, codes, prompt, prompt_len, x0, tok.config, sampler)
-        return np.asarray(latents), np.asarray(decode_latents(tok.variables, latents, tok.config))
+    def run(sampler: SamplerConfig, model: ALMTokenizer2 = tok) -> tuple[np.ndarray, np.ndarray]:
+        latents = generate_latents(model.variables, codes, prompt, prompt_len, x0, model.config, sampler)
+        return np.asarray(latents), np.asarray(decode_latents(model.variables, latents, model.config))
+
+    def add_row(sampler: SamplerConfig, name: str, model: ALMTokenizer2 = tok) -> None:
+        lat, wav = run(sampler, model)
+        rows.append(dict(solver=name, grid=sampler.time_grid, steps=sampler.num_steps,
+                         evaluations=sampler.evaluations, passes=sampler.passes,
+                         latent_rel_l2=relative_l2(lat, ref_lat), wave_rel_l2=relative_l2(wav, ref_wav), wave=wav))
+        print(json.dumps({k: v for k, v in rows[-1].items() if k != "wave"}), flush=True)
 
     ref_solver, ref_steps = args.reference.split(":")
     start = time.perf_counter()
@@ -131,29 +149,78 @@ def main() -> None:
     rows = []
     for solver, grid, counts in parse_settings(args.settings) if args.settings else SETTINGS:
         for steps in counts:
-            sampler = replace(base, solver=solver, time_grid=grid, num_steps=steps)
-            lat, wav = run(sampler)
-            rows.append(dict(solver=solver, grid=grid, steps=steps, evaluations=sampler.evaluations,
-                             latent_rel_l2=relative_l2(lat, ref_lat), wave_rel_l2=relative_l2(wav, ref_wav)))
-            print(json.dumps(rows[-1]), flush=True)
+            add_row(replace(base, solver=solver, time_grid=grid, num_steps=steps), solver)
+    student = ALMTokenizer2.load(args.student) if args.student else None
+    for steps in (int(n) for n in args.student_steps.split(",")) if student else ():
+        add_row(replace(student.config.sampler, num_steps=steps), "student " + student.config.sampler.solver,
+                student)
 
     bar = next(r for r in rows if (r["solver"], r["grid"], r["steps"]) == ("euler", "uniform", 50))
+    if student:
+        lengths = [int(round(sf.info(f).frames * tok.sample_rate / sf.info(f).samplerate)) for f in files]
+        for r in rows:
+            r.update(audio_scores(r["wave"], bar["wave"], lengths, tok.sample_rate))
+    for r in rows:
+        del r["wave"]
     for r in rows:
         r["qualifies"] = r["latent_rel_l2"] <= bar["latent_rel_l2"] and r["wave_rel_l2"] <= bar["wave_rel_l2"]
     best = min((r for r in rows if r["qualifies"]), key=lambda r: (r["evaluations"], r["latent_rel_l2"]))
     args.out.mkdir(parents=True, exist_ok=True)
     meta = dict(model=str(args.model), clips=[f.name for f in files], window_frames=int(x0.shape[1]),
-                guidance=args.guidance, reference=args.reference, seed=args.seed)
-    (args.out / "fidelity.json").write_text(json.dumps(dict(meta=meta, rows=rows, best=best), indent=1))
-    table = ["| solver | grid | steps | estimator evaluations | latent rel. L2 | waveform rel. L2 | qualifies |",
-             "|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["evaluations"], r["latent_rel_l2"])):
+                guidance=args.guidance, reference=args.reference, seed=args.seed,
+                student=str(args.student) if student else None)
+    long = long_clip(tok, student, files, args.long) if student and args.long else None
+    (args.out / "fidelity.json").write_text(json.dumps(dict(meta=meta, rows=rows, best=best, long=long), indent=1))
+    audio = student is not None
+    table = ["| solver | grid | steps | estimator evaluations | DiT passes | latent rel. L2 | waveform rel. L2 | "
+             + ("mel dist. | PESQ | STOI | " if audio else "") + "qualifies |",
+             "|---|---|---|---|---|---|---|" + ("---|---|---|" if audio else "") + "---|"]
+    for r in sorted(rows, key=lambda r: (r["passes"], r["latent_rel_l2"])):
         mark = "**cheapest**" if r is best else ("yes" if r["qualifies"] else "")
-        table.append(f"| {r['solver']} | {r['grid']} | {r['steps']} | {r['evaluations']} | "
-                     f"{r['latent_rel_l2']:.2e} | {r['wave_rel_l2']:.2e} | {mark} |")
+        scores = f"{r['mel_distance']:.3f} | {r['pesq']:.2f} | {r['stoi']:.3f} | " if audio else ""
+        table.append(f"| {r['solver']} | {r['grid']} | {r['steps']} | {r['evaluations']} | {r['passes']} | "
+                     f"{r['latent_rel_l2']:.2e} | {r['wave_rel_l2']:.2e} | {scores}{mark} |")
+    if long:
+        table += ["", f"Long-audio path: {long['seconds']:.0f} s ({long['windows']} windows, prompt re-imposed), "
+                  "waveform rel. L2 to the teacher's RK4-64:", "",
+                  "| decoder | DiT passes per window | waveform rel. L2 |", "|---|---|---|"]
+        table += [f"| {r['name']} | {r['passes']} | {r['wave_rel_l2']:.2e} |" for r in long["rows"]]
     (args.out / "fidelity.md").write_text("\n".join(table) + "\n")
     print("\n".join(table))
     plot(rows, bar, args.out / "fidelity.png")
+
+
+def audio_scores(wave: np.ndarray, ref: np.ndarray, lengths: list[int], sample_rate: int) -> dict:
+    """Mean over clips of mel distance, PESQ-WB and STOI of ``wave (B, N)`` against ``ref (B, N)`` (each clip
+    cut to its own length); a metric undefined for a clip (e.g. too short for PESQ) is left out of its mean."""
+    scores: dict[str, list[float]] = {"mel_distance": [], "pesq": [], "stoi": []}
+    for w, r, n in zip(wave, ref, lengths, strict=True):
+        a, b = prepare_pair(r[:n], w[:n], sample_rate)
+        for name, fn in (("mel_distance", mel_distance), ("pesq", pesq_score), ("stoi", stoi_score)):
+            try:
+                scores[name].append(fn(a, b))
+            except MetricError:
+                pass
+    return {k: float(np.mean(v)) if v else float("nan") for k, v in scores.items()}
+
+
+def long_clip(tok: ALMTokenizer2, student: ALMTokenizer2, files: list[Path], seconds: float) -> dict:
+    """The clips concatenated (tiled) to ``seconds``, decoded through the long-audio windows (prompt
+    re-imposed) by the teacher (RK4-64 as reference, RK4-4, Euler-50) and the student at its own sampler."""
+    wav = np.concatenate([sf.read(f, dtype="float32", always_2d=True)[0].mean(axis=1) for f in files])
+    n = int(seconds * tok.sample_rate)
+    wav = np.tile(wav, n // len(wav) + 1)[:n]
+    codes = tok.encode(wav, tok.sample_rate)
+    ref = tok.decode(codes, 64, solver="rk4", length=n)
+    rows = []
+    for name, model, steps, solver in (("teacher Euler-50", tok, 50, "euler"), ("teacher RK4-4", tok, 4, "rk4"),
+                                       *((f"student {k}-step", student, k, None) for k in (1, 2, 4))):
+        out = model.decode(codes, steps, solver=solver, length=n)
+        rows.append(dict(name=name, passes=model.sampler_config(steps, None, solver).passes,
+                         wave_rel_l2=relative_l2(out, ref)))
+        print(json.dumps(rows[-1]), flush=True)
+    windows = plan_windows(codes.shape[-1], tok.pipeline, tok.compat, n).num_windows
+    return dict(seconds=seconds, windows=windows, reference="teacher rk4:64", rows=rows)
 
 
 def roughness(tok: ALMTokenizer2, codes: np.ndarray, x0: np.ndarray, sampler: SamplerConfig,
@@ -253,10 +320,10 @@ def plot(rows: list[dict], bar: dict, path: Path) -> None:
                               strict=True):
         for i, (solver, grid) in enumerate(dict.fromkeys((r["solver"], r["grid"]) for r in rows)):
             part = [r for r in rows if (r["solver"], r["grid"]) == (solver, grid)]
-            ax.loglog([r["evaluations"] for r in part], [r[key] for r in part], "o-" if grid == "uniform" else "s--",
+            ax.loglog([r["passes"] for r in part], [r[key] for r in part], "o-" if grid == "uniform" else "s--",
                       color=plt.cm.tab20(i % 20), label=f"{solver} {grid}")
         ax.axhline(bar[key], color="k", ls=":", lw=1, label="Euler 50 (reference sampler)")
-        ax.set_xlabel("estimator evaluations per window")
+        ax.set_xlabel("DiT passes per window")
         ax.set_ylabel("relative L2 error vs converged solution")
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)

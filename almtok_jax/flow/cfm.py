@@ -168,14 +168,16 @@ RUNGE_KUTTA: dict[str, tuple[tuple[float, ...], tuple[tuple[float, ...], ...], t
     "midpoint": ((0.0, 0.5), ((), (0.5,)), (0.0, 1.0)),
     "heun": ((0.0, 1.0), ((), (1.0,)), (0.5, 0.5)),
     "rk4": ((0.0, 0.5, 0.5, 1.0), ((), (0.5,), (0.0, 0.5), (0.0, 0.0, 1.0)), (1 / 6, 1 / 3, 1 / 3, 1 / 6)),
+    # Euler steps of a few-step student that is told the step size (dit.step_embedding, flow/shortcut.py)
+    "shortcut": ((0.0,), ((),), (1.0,)),
 }
 # Adams-Bashforth: one estimator call per step, the previous velocity reused (variable-step coefficients, so
 # any time grid works), Euler for the first step. (A third order would need a second-order start to keep
 # its order: with an Euler start it converges at order 2.)
 ADAMS_BASHFORTH = {"ab2": 2}
-Solver = Literal["euler", "midpoint", "heun", "rk4", "ab2"]
-SOLVERS = get_args(Solver)
-SOLVER_ORDER = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4, "ab2": 2}
+Solver = Literal["euler", "midpoint", "heun", "rk4", "ab2", "shortcut"]
+SOLVERS = tuple(s for s in get_args(Solver) if s != "shortcut")  # the ODE solvers of any velocity field
+SOLVER_ORDER = {"euler": 1, "midpoint": 2, "heun": 2, "rk4": 4, "ab2": 2, "shortcut": 1}
 TimeGrid = Literal["uniform", "power", "cosine"]
 TIME_GRIDS = get_args(TimeGrid)
 
@@ -184,10 +186,13 @@ TIME_GRIDS = get_args(TimeGrid)
 class SamplerConfig:
     """ODE sampler settings (spec 03 §5.3). :data:`RELEASE_SAMPLER` is what the released ``infer.py`` runs.
 
-    ``solver`` is one of :data:`SOLVERS`; ``time_grid`` places the ``num_steps + 1`` times in [0, 1]:
+    ``solver`` is one of :data:`SOLVERS` or ``shortcut``; ``time_grid`` places the ``num_steps + 1`` times in [0, 1]:
     ``uniform`` (the reference's float32 linspace), ``power`` (``t = s^grid_power``) or ``cosine``
     (``t = 1 − cos(π s / 2)``), the last two with shorter steps near t = 0. ``num_steps`` counts solver
-    steps; :attr:`evaluations` is what a window costs (RK4: 4 per step).
+    steps; :attr:`evaluations` is what a window costs (RK4: 4 per step), :attr:`passes` the DiT batches.
+    ``guidance: baked`` is for a student trained toward the guided velocity (``train/distill.py``): one
+    conditional pass per evaluation, ``guidance_scale`` only records the scale it was trained at. The
+    ``shortcut`` solver needs such a student (``dit.step_embedding``): it is told each step's size.
     """
 
     # Defaults: the default mode's sampler, the cheapest setting of benchmarks/bench_fidelity.py whose error
@@ -199,22 +204,35 @@ class SamplerConfig:
     sigma_min: float = SIGMA_MIN
     time_grid: TimeGrid = "uniform"
     grid_power: float = 2.0  # exponent of the "power" grid
+    guidance: Literal["cfg", "baked"] = "cfg"
 
     def __post_init__(self) -> None:
-        if self.solver not in SOLVERS:
-            raise ValueError(f"SamplerConfig: unknown solver {self.solver!r} ({' | '.join(SOLVERS)})")
+        if self.solver not in get_args(Solver):
+            raise ValueError(f"SamplerConfig: unknown solver {self.solver!r} ({' | '.join(get_args(Solver))})")
         if self.time_grid not in TIME_GRIDS:
             raise ValueError(f"SamplerConfig: unknown time_grid {self.time_grid!r} ({' | '.join(TIME_GRIDS)})")
         if self.num_steps < 1:
             raise ValueError(f"SamplerConfig: num_steps must be ≥ 1, got {self.num_steps}")
         if self.grid_power <= 0:
             raise ValueError(f"SamplerConfig: grid_power must be > 0, got {self.grid_power}")
+        if self.guidance not in ("cfg", "baked"):
+            raise ValueError(f"SamplerConfig: guidance must be 'cfg' or 'baked', got {self.guidance!r}")
 
     @property
     def evaluations(self) -> int:
         """Estimator calls per window (each a guided batch when ``guidance_scale > 1``)."""
         per_step = len(RUNGE_KUTTA[self.solver][0]) if self.solver in RUNGE_KUTTA else 1
         return per_step * self.num_steps
+
+    @property
+    def passes(self) -> int:
+        """DiT passes per window: an evaluation with classifier-free guidance is a doubled batch."""
+        return self.evaluations * (2 if self.sampling_scale > 1.0 else 1)
+
+    @property
+    def sampling_scale(self) -> float:
+        """The guidance scale the sampler applies (1: none, the student has it baked in)."""
+        return 1.0 if self.guidance == "baked" else self.guidance_scale
 
 
 RELEASE_SAMPLER = SamplerConfig(num_steps=50, guidance_scale=1.5, solver="euler", time_grid="uniform")
@@ -300,6 +318,7 @@ def _combine(x: Array, dt: Array, weights: tuple[float, ...] | Array, ks: list[A
 def sample(velocity: VelocityFn, cond: Array, prompt: Array, prompt_len: Array, x0: Array,
            config: SamplerConfig, trace: bool = False) -> tuple[Array, dict[str, Array] | None]:
     """Integrate the flow from noise ``x0 (B, T, C)`` at t = 0 to latents at t = 1 (traceable, no host sync).
+    The ``shortcut`` solver calls ``velocity(h, t, step)`` with the step size ``step (B',)``.
 
     ``cond (B, T, cond_dim)`` is the padding-filled condition (``mu``); ``prompt (B, T, C)`` the in-context
     latents (zero outside the prompt); ``prompt_len (B,)`` the prompt lengths L. At every estimator call
@@ -314,7 +333,7 @@ def sample(velocity: VelocityFn, cond: Array, prompt: Array, prompt_len: Array, 
         raise ValueError(f"sampler: prompt {prompt.shape} / condition {cond.shape} do not match the noise "
                          f"{x0.shape}")
     on_prompt = prompt_mask(frames, prompt_len)[..., None]
-    sigma, g = config.sigma_min, config.guidance_scale
+    sigma, g = config.sigma_min, config.sampling_scale
     t_span, ts, dts = sampler_times(config)
     order = ADAMS_BASHFORTH.get(config.solver, 0)
     ab_weights = adams_bashforth_weights(t_span, order) if order else np.zeros((config.num_steps, 0), np.float32)
@@ -322,7 +341,9 @@ def sample(velocity: VelocityFn, cond: Array, prompt: Array, prompt_len: Array, 
     def reimpose(x: Array, t: Array) -> Array:
         return jnp.where(on_prompt, (1 - (1 - sigma) * t) * x0 + t * prompt, x)
 
-    def field(x: Array, t: Array) -> tuple[Array, Array, Array]:
+    def field(x: Array, t: Array, dt: Array) -> tuple[Array, Array, Array]:
+        if config.solver == "shortcut":
+            return guided_velocity(lambda h, tt: velocity(h, tt, jnp.full_like(tt, dt)), x, prompt, cond, t, g)
         return guided_velocity(velocity, x, prompt, cond, t, g)
 
     def runge_kutta(x: Array, t: Array, dt: Array, k0: Array) -> Array:
@@ -330,14 +351,14 @@ def sample(velocity: VelocityFn, cond: Array, prompt: Array, prompt_len: Array, 
         ks = [k0]
         for c_i, a_i in zip(c[1:], a[1:], strict=True):
             t_i = t + c_i * dt
-            ks.append(field(reimpose(_combine(x, dt, a_i, ks), t_i), t_i)[0])
+            ks.append(field(reimpose(_combine(x, dt, a_i, ks), t_i), t_i, dt)[0])
         return _combine(x, dt, weights, ks)
 
     def step(carry: tuple[Array, Array], grid: tuple[Array, Array, Array]) -> tuple[tuple, dict[str, Array]]:
         x, history = carry
         t, dt, w = grid
         x = reimpose(x, t)
-        v, v_u, v_c = field(x, t)
+        v, v_u, v_c = field(x, t, dt)
         record = dict(x=x, t=t, v_uncond=v_u, v_cond=v_c) if trace else {}
         if order:
             history = jnp.concatenate([v[None], history[:-1]])
@@ -364,7 +385,8 @@ def make_sampler(model: DiTEstimator, config: SamplerConfig, trace: bool = False
 
     @jax.jit
     def run(variables: dict, cond: Array, prompt: Array, prompt_len: Array, x0: Array):
-        return sample(lambda h, t: model.apply(variables, h, t), cond, prompt, prompt_len, x0, config, trace)
+        return sample(lambda h, t, *step: model.apply(variables, h, t, *step), cond, prompt, prompt_len, x0, config,
+                      trace)
 
     return run
 

@@ -56,6 +56,10 @@ class DiTConfig:
     # Attention kernel: "explicit" (softmax(q kᵀ·s) v written out), or jax.nn.dot_product_attention with
     # implementation "xla" (any backend) / "cudnn" (NVIDIA GPUs, fp16/bf16) / "auto" (JAX picks).
     attention: str = "xla"
+    # A few-step student (almtok_jax/flow/shortcut.py): the estimator also takes the step size d (B,), embedded
+    # like t and added to the timestep embedding through a zero-initialised linear, so that at
+    # initialisation (and at d = 0 when trained so) it is the flow-matching teacher.
+    step_embedding: bool = False
 
     def __post_init__(self) -> None:
         if self.in_channels != 2 * self.out_channels + self.cond_dim:
@@ -119,16 +123,20 @@ class ProjectLayer(nn.Module):
 
 
 class AdaLayerNormSingle(nn.Module):
-    """Timestep ``t (B,)`` → (``e (B, D)`` for the head, ``m (B, 6·D)`` shared by every block) (§2.3)."""
+    """Timestep ``t (B,)`` → (``e (B, D)`` for the head, ``m (B, 6·D)`` shared by every block) (§2.3);
+    with ``step_embedding`` the step size ``step (B,)`` is added after ``linear_1`` (zero at init)."""
 
     config: DiTConfig
 
     @nn.compact
-    def __call__(self, t: Array) -> tuple[Array, Array]:
+    def __call__(self, t: Array, step: Array | None = None) -> tuple[Array, Array]:
         cfg = self.config
         d = cfg.inner_dim
         feats = timestep_features(t, cfg.timestep_channels, cfg.timestep_scale, cfg.timestep_max_period)
         h = Linear(d, name="linear_1")(feats)
+        if cfg.step_embedding:
+            step_feats = timestep_features(step, cfg.timestep_channels, cfg.timestep_scale, cfg.timestep_max_period)
+            h = h + Linear(d, kernel_init=nn.initializers.zeros, name="step_embedder")(step_feats)
         e = Linear(d, name="linear_2")(nn.silu(h))
         m = Linear(6 * d, name="linear")(nn.silu(e))
         return e, m
@@ -222,7 +230,8 @@ class DiTBlock(nn.Module):
 
 
 class DiTEstimator(nn.Module):
-    """``h (B, T, in_channels)``, ``t (B,)`` in [0, 1] → velocity ``(B, T, out_channels)`` float32.
+    """``h (B, T, in_channels)``, ``t (B,)`` in [0, 1] → velocity ``(B, T, out_channels)`` float32; with
+    ``step_embedding`` also ``step (B,)``, the step size the velocity is averaged over (default 0).
 
     Variables: ``params`` (blocks stacked under ``transformer_blocks``) and the non-trainable
     ``buffers/pos_embed/pe (num_positional_embeddings, D)``. Apply with ``mutable=["intermediates"]`` to
@@ -233,13 +242,17 @@ class DiTEstimator(nn.Module):
     config: DiTConfig
 
     @nn.compact
-    def __call__(self, h: Array, t: Array) -> Array:
+    def __call__(self, h: Array, t: Array, step: Array | None = None) -> Array:
         cfg = self.config
         b, frames, channels = h.shape
         if channels != cfg.in_channels:
             raise ValueError(f"DiT input has {channels} channels, expected in_channels {cfg.in_channels}")
         if t.shape != (b,):
             raise ValueError(f"DiT timestep must have shape ({b},) (one per batch row), got {t.shape}")
+        if step is not None and not cfg.step_embedding:
+            raise ValueError("DiT got a step size but has no step embedding (dit.step_embedding: false)")
+        if cfg.step_embedding:
+            step = jnp.zeros_like(t) if step is None else step
         d, cdt = cfg.inner_dim, cfg.compute_dtype
         pe = PositionTable(cfg.num_positional_embeddings, d, name="pos_embed")(frames)
 
@@ -248,7 +261,7 @@ class DiTEstimator(nn.Module):
         x = x + pe[None]
         self.sow("intermediates", "h_pos_embed", x)
 
-        e, m = AdaLayerNormSingle(cfg, name="adaln_single")(t)
+        e, m = AdaLayerNormSingle(cfg, name="adaln_single")(t, step)
         self.sow("intermediates", "adaln_e", e)
         self.sow("intermediates", "adaln_m", m)
 

@@ -121,6 +121,31 @@ class ValidationConfig:
 
 
 @dataclass(frozen=True)
+class DistillConfig:
+    """The few-step student of ``model: almtok_jax.train.distill:distill_task`` (its teacher: ``frozen_from``).
+
+    Per update the teacher integrates the guided flow (``guidance_scale``) from fresh noise with
+    ``teacher_solver`` in ``teacher_steps`` steps; the student learns, for every entry ``n`` of ``levels``,
+    one random step of the uniform ``n``-step grid of that trajectory (``0``: the guided velocity itself).
+    ``export_steps``: the step count the exported model directory samples with.
+    """
+
+    levels: tuple[int, ...] = (0, 1, 2, 4)
+    teacher_solver: Literal["euler", "midpoint", "heun", "rk4"] = "rk4"
+    teacher_steps: int = 8
+    guidance_scale: float = 1.5
+    export_steps: int = 2
+
+    def __post_init__(self) -> None:
+        bad = [n for n in self.levels if n < 0 or (n and self.teacher_steps % n)]
+        if not self.levels or bad:
+            raise ValueError(f"distill.levels {list(self.levels)}: each must be 0 or divide distill.teacher_steps "
+                             f"{self.teacher_steps}")
+        if self.export_steps < 1:
+            raise ValueError(f"distill.export_steps must be >= 1, got {self.export_steps}")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """Everything a training run needs besides the model preset (``model``) and its weights.
 
@@ -156,6 +181,7 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def total_steps(self, dataset_size: int) -> int:
         """Optimizer steps of the run: ``steps`` or ``epochs * floor(N / global_batch) / grad_accum``."""

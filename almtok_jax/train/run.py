@@ -240,8 +240,11 @@ def main(argv: list[str] | None = None) -> None:
         if not integrity.inspect(state)[1]:
             raise SystemExit(f"error: the trained state holds NaN or infinite values; nothing exported to "
                              f"{args.export}")
-        export_params(args.export, state.trainable, frozen, model_config_text(config),
-                               extra=state.extra, force=args.force)
+        if task.export_fn is not None:
+            task.export_fn(args.export, state.trainable, frozen, state.extra, args.force)
+        else:
+            export_params(args.export, state.trainable, frozen, model_config_text(config), extra=state.extra,
+                          force=args.force)
     logger.close()
 
 

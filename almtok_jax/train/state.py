@@ -42,7 +42,8 @@ class Task:
     ``load_fn(model_dir, part) -> (trainable, frozen, extra)`` as host arrays (optional), ``part`` being
     ``"frozen"`` or ``"trainable"``: the frozen parts (``frozen_from: DIR``) or the trained parts
     (``trainable_init: DIR``) of a model directory instead of ``init_fn``'s random values; trained parts it
-    does not return keep ``init_fn``'s.
+    does not return keep ``init_fn``'s; ``export_fn(directory, trainable, frozen, extra, force)`` (optional) writes
+    the model directory of ``train.py --export`` (default: the trees as they are, with the preset's config).
     """
 
     init_fn: Callable[[jax.Array, Batch], tuple[Params, Params, Params]]
@@ -50,6 +51,7 @@ class Task:
     reconstruct_fn: Callable[..., jax.Array] | None = None
     param_names: Callable[[Params], Any] | None = None
     load_fn: Callable[[str, str], tuple[Params, Params, Params]] | None = None
+    export_fn: Callable[[str, Params, Params, Params, bool], Any] | None = None
 
 
 @struct.dataclass
