@@ -23,6 +23,7 @@ import contextlib
 import json
 import logging
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -32,7 +33,7 @@ import optax
 import yaml
 from etils import epath
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from almtok_jax.config import load_model_config, load_yaml, override, save_yaml, to_dict
 from almtok_jax.train import checkpoint as ckpt_lib
@@ -62,15 +63,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="training config YAML (configs/train_*.yaml)")
-    parser.add_argument("--workdir", required=True, help="checkpoints, logs and metrics go here")
+    parser.add_argument("--workdir", help="checkpoints, logs and metrics go here (required unless --compile-only)")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps to reach (total)")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     parser.add_argument("--overwrite", action="store_true",
                         help="delete the run already in --workdir (checkpoints, logs) and start over")
     parser.add_argument("--multihost", action="store_true", help="call jax.distributed.initialize()")
     parser.add_argument("--export", default=None, help="write the trained weights as a model directory")
+    parser.add_argument("--compile-only", action="store_true",
+                        help="compile the step for --topology (or the local devices) and print the per-chip "
+                             "report (almtok_jax.train.compile_only); nothing is trained or written")
+    parser.add_argument("--topology", default=None,
+                        help="with --compile-only: a TPU slice (v5e-256, v4-128, ...; needs the tpu extra)")
+    parser.add_argument("--search-batch", type=int, default=0, metavar="N",
+                        help="with --compile-only: at most N more compiles to find the largest clips per chip")
+    parser.add_argument("--json", default=None, help="with --compile-only: also write the report here")
     parser.add_argument("overrides", nargs="*", help="dotted key=value config overrides")
     args = parser.parse_args(argv)
+    if not (args.compile_only or args.workdir):
+        parser.error("--workdir is required (unless --compile-only)")
     if args.resume and args.overwrite:
         parser.error("--resume continues the run in --workdir, --overwrite deletes it: give one of them")
     return args
@@ -133,12 +144,68 @@ def model_config_text(config: TrainConfig) -> str:
     return yaml.safe_dump(to_dict(load_model_config(config.model)), sort_keys=False)
 
 
+@dataclass(frozen=True)
+class TrainStep:
+    """The jitted training step of a run and everything it is built from; ``abstract_*`` are
+    ``ShapeDtypeStruct`` trees (nothing is allocated), ``*_sh`` their shardings on the mesh."""
+
+    task: Task
+    optimizer: optax.GradientTransformation
+    init: Callable[[], tuple]  # () -> (state, frozen) at step 0 from the modules' initializers
+    batch_shapes: dict[str, jax.ShapeDtypeStruct]
+    abstract_state: Any
+    abstract_frozen: Any
+    state_sh: Any
+    frozen_sh: Any
+    batch_sh: dict[str, NamedSharding]
+    train_step: Callable  # jitted (state, frozen, batch) -> (state, metrics); the state is donated
+
+    def abstract_inputs(self) -> tuple:
+        """``(state, frozen, batch)`` as ``ShapeDtypeStruct``s carrying their shardings (for ``.lower``)."""
+        def placed(tree: Any, shardings: Any) -> Any:
+            return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+        return (placed(self.abstract_state, self.state_sh), placed(self.abstract_frozen, self.frozen_sh),
+                placed(self.batch_shapes, self.batch_sh))
+
+
+def build_train_step(config: TrainConfig, mesh: Mesh, schedule: Callable[[jax.Array], jax.Array]) -> TrainStep:
+    """The step ``train.py`` runs for ``config`` on ``mesh`` (task, optimizer, shardings, donation), with
+    ``config.data.global_batch_size`` clips per step; shapes only, no variables are made."""
+    task = build_task(config.model, config)
+    names = task.param_names or path_names
+    optimizer = make_optimizer(config.optimizer, lambda p: decay_mask(names(p), config.optimizer.no_decay))
+    rows = config.data.global_batch_size
+    batch_shapes = {"wav": jax.ShapeDtypeStruct((rows, config.data.segment_samples), jnp.float32),
+                    "length": jax.ShapeDtypeStruct((rows,), jnp.int32)}
+
+    def init() -> tuple:
+        zeros = {k: jnp.zeros(s.shape, s.dtype) for k, s in batch_shapes.items()}
+        return init_train_state(task, optimizer, config.seed, zeros)
+
+    abstract_state, abstract_frozen = jax.eval_shape(init)
+    state_sh = shard_lib.state_shardings(abstract_state, mesh, config.sharding)
+    frozen_sh = shard_lib.tree_shardings(abstract_frozen, mesh, config.sharding.frozen,
+                                         config.sharding.min_shard_size)
+    batch_sh = {k: shard_lib.batch_sharding(mesh) for k in batch_shapes}
+    train_step = jax.jit(make_train_step(task, optimizer, schedule, config),
+                         in_shardings=(state_sh, frozen_sh, batch_sh),
+                         out_shardings=(state_sh, NamedSharding(mesh, PartitionSpec())), donate_argnums=(0,))
+    return TrainStep(task, optimizer, init, batch_shapes, abstract_state, abstract_frozen, state_sh, frozen_sh,
+                     batch_sh, train_step)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     setup_console()
     shard_lib.maybe_initialize_distributed(args.multihost)
     with reported_as_user_error():
         config = override(load_yaml(TrainConfig, args.config), args.overrides)
+    if args.compile_only:
+        from almtok_jax.train.compile_only import report_train  # needs no data, workdir or weights
+
+        with reported_as_user_error():
+            report_train(config, args.topology, args.json, args.search_batch)
+        return
     workdir = ckpt_lib.location(args.workdir)
     prepare_workdir(workdir, args.resume, args.overwrite)
     primary = jax.process_index() == 0
@@ -160,23 +227,9 @@ def main(argv: list[str] | None = None) -> None:
     if note := past_horizon_note(total_steps, horizon, schedule):
         log.warning(note)
 
-    task = build_task(config.model, config)
-    names = task.param_names or path_names
-    optimizer = make_optimizer(config.optimizer, lambda p: decay_mask(names(p), config.optimizer.no_decay))
-    rows = config.data.global_batch_size
-    batch_shapes = {"wav": jax.ShapeDtypeStruct((rows, config.data.segment_samples), jnp.float32),
-                    "length": jax.ShapeDtypeStruct((rows,), jnp.int32)}
-
-    def init() -> tuple:
-        zeros = {k: jnp.zeros(s.shape, s.dtype) for k, s in batch_shapes.items()}
-        return init_train_state(task, optimizer, config.seed, zeros)
-
-    abstract_state, abstract_frozen = jax.eval_shape(init)
-    state_sh = shard_lib.state_shardings(abstract_state, mesh, config.sharding)
-    frozen_sh = shard_lib.tree_shardings(abstract_frozen, mesh, config.sharding.frozen,
-                                         config.sharding.min_shard_size)
-    batch_sh = {k: shard_lib.batch_sharding(mesh) for k in batch_shapes}
-    replicated = NamedSharding(mesh, PartitionSpec())
+    setup = build_train_step(config, mesh, schedule)
+    task, optimizer, init, abstract_state = setup.task, setup.optimizer, setup.init, setup.abstract_state
+    state_sh, frozen_sh, batch_sh = setup.state_sh, setup.frozen_sh, setup.batch_sh
 
     checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", config.checkpoint)
     resume = args.resume and checkpointer.latest_step() is not None
@@ -192,17 +245,15 @@ def main(argv: list[str] | None = None) -> None:
         log.warning("the target step %d is already reached (the run is at step %d): nothing to train",
                     total_steps, start)
     # The data position is the step (one global batch per update), so any process count resumes any other's.
-    train_iter = iter(data_lib.make_loader(config.data.train, config.data, config.seed,
-                                           rows=shard_lib.process_rows(mesh, rows), first_batch=start))
+    rows = shard_lib.process_rows(mesh, config.data.global_batch_size)
+    train_iter = iter(data_lib.make_loader(config.data.train, config.data, config.seed, rows=rows, first_batch=start))
 
     if primary:
         report = {name: shard_lib.describe(tree) for name, tree in
                   (("trainable", state.trainable), ("extra", state.extra), ("frozen", frozen))}
         (workdir / "sharding.json").write_text(json.dumps(report, indent=1))
 
-    train_step = jax.jit(make_train_step(task, optimizer, schedule, config),
-                         in_shardings=(state_sh, frozen_sh, batch_sh), out_shardings=(state_sh, replicated),
-                         donate_argnums=(0,))
+    train_step = setup.train_step
     seconds_per_step = config.data.global_batch_size * config.data.segment_seconds
     logger = TrainLogger(workdir, config.logging.tensorboard, audio_seconds_per_step=seconds_per_step,
                          resume_step=start if args.resume else None)
