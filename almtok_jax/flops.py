@@ -49,5 +49,10 @@ def matmul_flops(fn: Callable, *args: Any) -> float:
     """Matmul + convolution FLOPs of ``fn(*args)`` over the whole (global) batch, scans counted ``length``
     times (while loops once), after dead-code elimination (XLA drops work no output needs, e.g. an unused
     query-encoder pass). ``args`` may be ``ShapeDtypeStruct``s."""
-    jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
+    return program_flops(jax.make_jaxpr(fn)(*args))
+
+
+def program_flops(jaxpr: Jaxpr | ClosedJaxpr) -> float:
+    """:func:`matmul_flops` of a traced program (``jax.jit(f).trace(...).jaxpr``)."""
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
     return jaxpr_flops(dce_jaxpr(jaxpr, [True] * len(jaxpr.outvars))[0])

@@ -188,14 +188,15 @@ def _shape_bytes(shape: str) -> int:
 
 def compile_report(jitted: Callable, args: Sequence[Any], chip: Chip | None, num_chips: int) -> dict:
     """Lower + compile ``jitted`` on abstract ``args``; memory, FLOPs and step-time estimates per chip."""
-    from almtok_jax.flops import matmul_flops
+    from almtok_jax.flops import program_flops
 
     t0 = time.perf_counter()
-    compiled = jitted.lower(*args).compile()
+    traced = jitted.trace(*args)
+    compiled = traced.lower().compile()
     compile_s = time.perf_counter() - t0
     cost = compiled.cost_analysis()
     cost = (cost[0] if isinstance(cost, list) else cost) or {}
-    counted = matmul_flops(jitted, *args) / num_chips
+    counted = program_flops(traced.jaxpr) / num_chips
     xla_flops = float(cost.get("flops", 0.0))
     out = {"compile_s": round(compile_s, 1), "memory": memory_report(compiled, chip),
            "flops_per_chip": counted, "xla_flops_per_chip": xla_flops,
