@@ -138,12 +138,18 @@ def tiled_bytes(shape: Sequence[int], dtype: Any, layout: Any) -> int:
     return math.prod(padded) * jnp.dtype(dtype).itemsize
 
 
-def padded_input_bytes(compiled: Any, args: Sequence[Any]) -> int:
-    """Per-chip bytes of the arguments in the layouts the compiler chose (``compiled.input_formats``)."""
+def compiled_inputs(compiled: Any, args: Sequence[Any]) -> dict:
+    """Per chip: the bytes of the arguments in the layouts the compiler chose (``compiled.input_formats``),
+    the bytes of those it dropped as unused (jit prunes them: no layout, no buffer), and whether it kept the
+    shardings asked for."""
     leaves = jax.tree.leaves(args)
     formats = jax.tree.leaves(compiled.input_formats[0], is_leaf=lambda f: hasattr(f, "layout"))
-    return sum(tiled_bytes(x.sharding.shard_shape(x.shape), x.dtype, f.layout)
-               for x, f in zip(leaves, formats, strict=True))
+    used = [(x, f) for x, f in zip(leaves, formats, strict=True) if f.layout is not None]
+    return {"tiled_input_bytes_per_chip": sum(tiled_bytes(x.sharding.shard_shape(x.shape), x.dtype, f.layout)
+                                              for x, f in used),
+            "unused_input_bytes_per_chip": tree_bytes([x for x, f in zip(leaves, formats, strict=True)
+                                                       if f.layout is None]),
+            "input_shardings_kept": all(f.sharding.is_equivalent_to(x.sharding, len(x.shape)) for x, f in used)}
 
 
 def memory_report(compiled: Any, chip: Chip | None) -> dict:
@@ -202,10 +208,7 @@ def compile_report(jitted: Callable, args: Sequence[Any], chip: Chip | None, num
            "flops_per_chip": counted, "xla_flops_per_chip": xla_flops,
            "bytes_accessed_per_chip": float(cost.get("bytes accessed", 0.0)),
            "input_bytes_per_chip": tree_bytes(args, jax.tree.map(lambda x: x.sharding, args)),
-           "tiled_input_bytes_per_chip": padded_input_bytes(compiled, args),
-           "input_shardings_kept": all(
-               c.is_equivalent_to(x.sharding, len(x.shape)) for c, x in
-               zip(jax.tree.leaves(compiled.input_shardings[0]), jax.tree.leaves(args), strict=True)),
+           **compiled_inputs(compiled, args),
            "findings": hlo_findings(compiled)}
     out["cost_model_s"] = float(cost.get("optimal_seconds", -1.0))
     if out["cost_model_s"] > 0:  # libtpu 0.0.42 answers -1 (no estimate) for these programs
