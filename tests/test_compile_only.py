@@ -12,6 +12,7 @@ import importlib.util
 import math
 import os
 
+import jax
 import pytest
 
 from almtok_jax.config import load_model_config
@@ -37,7 +38,8 @@ def slice4():
 def tiny_train_report(slice4):
     devices, chip = slice4
     config = load_train_config("train_tiny", ["mesh.data=1", "mesh.fsdp=4", "data.segment_seconds=1.0"])
-    return compile_train(with_clips_per_chip(config, 1, len(devices)), devices, chip)
+    with jax.default_matmul_precision("default"):  # as train.py runs it (conftest asks for "highest")
+        return compile_train(with_clips_per_chip(config, 1, len(devices)), devices, chip)
 
 
 def test_tiny_train_step_compiles_for_tpu(tiny_train_report):
@@ -63,8 +65,9 @@ def test_fsdp_leaves_are_a_quarter_per_chip(tiny_train_report):
 
 def test_tiny_decode_window_compiles_for_tpu(slice4):
     devices, chip = slice4
-    [window] = compile_inference(load_model_config("tiny_release"), devices, chip, 1, "float32", 0,
-                                 steps=("decode_window",))
+    with jax.default_matmul_precision("default"):
+        [window] = compile_inference(load_model_config("tiny_release"), devices, chip, 1, "float32", 0,
+                                     steps=("decode_window",))
     assert window["input_shardings_kept"] and window["memory"]["argument"] == window["tiled_input_bytes_per_chip"]
     assert window["memory"]["fits"] and window["findings"]["host_callbacks"] == 0
     assert window["flops_per_chip"] > 0 and math.isfinite(window["step_s_at_peak"])
