@@ -360,7 +360,7 @@ def inference_steps(model_config: Any, mesh: Mesh, batch: int, dtype: str) -> di
         "encode": (encode, (variables, arg((b, p.segment_samples + p.segment_extra_samples), jnp.float32)),
                    p.min_duration),
         # Steady state: a window after the first adds its hop of new audio.
-        "decode_window": (window, (variables, arg((b, plan.window, model_config.quantizer.num_quantizers),
+        "decode_window": (window, (variables, arg((b, plan.window, model_config.quantizer.rvq.num_quantizers),
                                                    jnp.int32), arg(latent, jnp.float32), arg((b,), jnp.int32),
                                    arg(latent, jnp.float32)), plan.wave_hop / p.sample_rate),
     }
