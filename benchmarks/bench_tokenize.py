@@ -15,15 +15,14 @@ apart), then tiny: one warm-up and the best of ``--repeats`` runs, full: ``--ful
 
 FLOPs: XLA's ``cost_analysis`` counts the body of every scanned layer stack once, so the benchmark also
 counts the matmul and convolution FLOPs (2 x MACs) of the traced program, dead code removed, with every
-``scan`` multiplied by its length (:func:`matmul_flops`); the achieved rate uses that count. The reference
-rate is the best of 3 fp32 ``2048^3`` matmuls in the same child process.
+``scan`` multiplied by its length (:func:`almtok_jax.flops.matmul_flops`); the achieved rate uses that
+count. The reference rate is the best of 3 fp32 ``2048^3`` matmuls in the same child process.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -31,8 +30,6 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from jax._src.interpreters.partial_eval import dce_jaxpr  # no public DCE of a jaxpr
-from jax.extend.core import ClosedJaxpr, Jaxpr
 from jax.sharding import Mesh
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,41 +40,7 @@ from bench_dit import matmul_gflops  # noqa: E402
 from common import machine, peak_rss_mib, run_child_process, timed  # noqa: E402
 
 from almtok_jax.cli.tokenize import sharded_encode_codes  # noqa: E402
-
-
-def _eqn_flops(eqn) -> float:
-    """Matmul / convolution FLOPs of one jaxpr equation (2 x MACs), recursing into sub-jaxprs."""
-    name = eqn.primitive.name
-    if name == "dot_general":
-        (lhs_contract, _), _ = eqn.params["dimension_numbers"]
-        lhs = eqn.invars[0].aval.shape
-        return 2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in lhs_contract)
-    if name == "conv_general_dilated":
-        rhs = eqn.invars[1].aval.shape
-        spec = eqn.params["dimension_numbers"].rhs_spec  # (out feature, in feature, *spatial) positions
-        per_output = rhs[spec[1]] * math.prod(rhs[d] for d in spec[2:])
-        return 2.0 * math.prod(eqn.outvars[0].aval.shape) * per_output
-    subs = [v for v in eqn.params.values() if isinstance(v, (Jaxpr, ClosedJaxpr))]
-    subs += [j for v in eqn.params.values() if isinstance(v, tuple) for j in v
-             if isinstance(j, (Jaxpr, ClosedJaxpr))]
-    total = sum(jaxpr_flops(s) for s in subs)
-    if name == "scan":
-        total *= eqn.params["length"]
-    elif name == "cond":
-        total = max((jaxpr_flops(b) for b in eqn.params["branches"]), default=0.0)
-    return total
-
-
-def jaxpr_flops(jaxpr) -> float:
-    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
-    return sum(_eqn_flops(e) for e in jaxpr.eqns)
-
-
-def matmul_flops(fn, *args) -> float:
-    """Matmul + convolution FLOPs of ``fn(*args)``, scans counted ``length`` times (while loops once),
-    after dead-code elimination (XLA drops work no output needs, e.g. an unused query-encoder pass)."""
-    jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
-    return jaxpr_flops(dce_jaxpr(jaxpr, [True] * len(jaxpr.outvars))[0])
+from almtok_jax.flops import matmul_flops  # noqa: E402
 
 
 def child(spec: dict) -> dict:

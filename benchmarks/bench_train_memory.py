@@ -22,71 +22,38 @@ an estimate of the order of magnitude. Prints one JSON object.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import math
 import time
 
 import jax
-import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec
 
 from almtok_jax.config import load_yaml, override
 from almtok_jax.train import sharding as shard_lib
+from almtok_jax.train.compile_only import tree_bytes
 from almtok_jax.train.config import TrainConfig
-from almtok_jax.train.state import (
-    decay_mask,
-    init_train_state,
-    make_optimizer,
-    make_schedule,
-    make_train_step,
-    path_names,
-)
-from almtok_jax.train.task import build_task
+from almtok_jax.train.state import make_schedule
+from almtok_jax.train.step import build_train_step
 
 ACCELERATORS = {"tpu_v5e_16GB": 16e9, "h100_80GB": 80e9}
 GIB = 2**30
 
 
-def tree_bytes(tree, shardings=None) -> int:
-    """Bytes of ``tree`` (``ShapeDtypeStruct`` leaves): global, or of one device's shard under ``shardings``."""
-    leaves = jax.tree.leaves(tree)
-    if shardings is None:
-        return sum(math.prod(x.shape) * x.dtype.itemsize for x in leaves)
-    return sum(math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize
-               for x, s in zip(leaves, jax.tree.leaves(shardings), strict=True))
-
-
-def abstract(tree, shardings):
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
-
-
 def compile_step(config: TrainConfig, clips_per_device: int) -> dict:
     mesh = shard_lib.make_mesh(config.mesh)
-    task = build_task(config.model, config)
-    names = task.param_names or path_names
-    optimizer = make_optimizer(config.optimizer, lambda p: decay_mask(names(p), config.optimizer.no_decay))
-    schedule = make_schedule(config.schedule, config.optimizer.learning_rate, 10_000, 100)
     rows = clips_per_device * mesh.size
-    batch = {"wav": jax.ShapeDtypeStruct((rows, config.data.segment_samples), jnp.float32),
-             "length": jax.ShapeDtypeStruct((rows,), jnp.int32)}
-    state, frozen = jax.eval_shape(
-        lambda: init_train_state(task, optimizer, config.seed,
-                                 {k: jnp.zeros(s.shape, s.dtype) for k, s in batch.items()}))
-    state_sh = shard_lib.state_shardings(state, mesh, config.sharding)
-    frozen_sh = shard_lib.tree_shardings(frozen, mesh, config.sharding.frozen, config.sharding.min_shard_size)
-    batch_sh = {k: shard_lib.batch_sharding(mesh) for k in batch}
-    step = jax.jit(make_train_step(task, optimizer, schedule, config), donate_argnums=(0,),
-                   in_shardings=(state_sh, frozen_sh, batch_sh),
-                   out_shardings=(state_sh, NamedSharding(mesh, PartitionSpec())))
+    config = dataclasses.replace(config, data=dataclasses.replace(config.data, global_batch_size=rows))
+    setup = build_train_step(config, mesh, make_schedule(config.schedule, config.optimizer.learning_rate, 10_000, 100))
+    state, frozen, batch = setup.abstract_inputs()
+    state_sh = setup.state_sh
     t0 = time.perf_counter()
-    lowered = step.lower(abstract(state, state_sh), abstract(frozen, frozen_sh), abstract(batch, batch_sh))
-    compiled = lowered.compile()
+    compiled = setup.train_step.lower(state, frozen, batch).compile()
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     parts = {"params": (state.trainable, state_sh.trainable), "optimizer": (state.opt_state, state_sh.opt_state),
-             "extra": (state.extra, state_sh.extra), "frozen": (frozen, frozen_sh)}
+             "extra": (state.extra, state_sh.extra), "frozen": (frozen, setup.frozen_sh)}
     state_report = {name: {"total_bytes": tree_bytes(t), "per_device_bytes": tree_bytes(t, s)}
                     for name, (t, s) in parts.items()}
     return {

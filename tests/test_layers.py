@@ -20,6 +20,7 @@ LAYERS = ("core", "components", "model", "weights", "api", "apps")
 LAYER_OF = {
     "compat.py": "core",
     "finite.py": "core",
+    "flops.py": "core",
     "folder_swap.py": "core",
     "typed_config.py": "core",
     "layers.py": "core",

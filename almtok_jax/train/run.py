@@ -26,7 +26,6 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import yaml
@@ -44,17 +43,13 @@ from almtok_jax.train.interrupt import stop_on_signals
 from almtok_jax.train.reporting import TrainLogger, setup_console
 from almtok_jax.train.state import (
     Task,
-    decay_mask,
-    init_train_state,
     make_eval_step,
-    make_optimizer,
     make_schedule,
-    make_train_step,
     new_train_state,
     past_horizon_note,
-    path_names,
 )
-from almtok_jax.train.task import build_task, is_task_reference
+from almtok_jax.train.step import build_train_step
+from almtok_jax.train.task import is_task_reference
 from almtok_jax.weights.model_dir import check_replaceable, location
 
 log = logging.getLogger("almtok_jax.train")
@@ -64,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="training config YAML (configs/train_*.yaml)")
-    parser.add_argument("--workdir", required=True, help="checkpoints, logs and metrics go here")
+    parser.add_argument("--workdir", help="checkpoints, logs and metrics go here (required unless --compile-only)")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps to reach (total)")
     parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     parser.add_argument("--overwrite", action="store_true",
@@ -72,8 +67,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--multihost", action="store_true", help="call jax.distributed.initialize()")
     parser.add_argument("--export", default=None, help="write the trained weights as a model directory")
     parser.add_argument("--force", action="store_true", help="let --export replace an existing model directory")
+    parser.add_argument("--compile-only", action="store_true",
+                        help="compile the step for --topology (or the local devices) and print the per-chip "
+                             "report (almtok_jax.train.compile_only); nothing is trained or written")
+    parser.add_argument("--topology", default=None,
+                        help="with --compile-only: a TPU slice (v5e-256, v4-128, ...; needs the tpu extra)")
+    parser.add_argument("--search-batch", type=int, default=0, metavar="N",
+                        help="with --compile-only: at most N more compiles to find the largest clips per chip")
+    parser.add_argument("--json", default=None, help="with --compile-only: also write the report here")
     parser.add_argument("overrides", nargs="*", help="dotted key=value config overrides")
     args = parser.parse_args(argv)
+    if not (args.compile_only or args.workdir):
+        parser.error("--workdir is required (unless --compile-only)")
     if args.resume and args.overwrite:
         parser.error("--resume continues the run in --workdir, --overwrite deletes it: give one of them")
     return args
@@ -142,6 +147,12 @@ def main(argv: list[str] | None = None) -> None:
     shard_lib.maybe_initialize_distributed(args.multihost)
     with reported_as_user_error():
         config = override(load_yaml(TrainConfig, args.config), args.overrides)
+    if args.compile_only:
+        from almtok_jax.train.compile_only import report_train  # needs no data, workdir or weights
+
+        with reported_as_user_error():
+            report_train(config, args.topology, args.json, args.search_batch)
+        return
     workdir = location(args.workdir)
     if args.export:
         with reported_as_user_error():  # before any work, not after the whole run
@@ -166,23 +177,9 @@ def main(argv: list[str] | None = None) -> None:
     if note := past_horizon_note(total_steps, horizon, schedule):
         log.warning(note)
 
-    task = build_task(config.model, config)
-    names = task.param_names or path_names
-    optimizer = make_optimizer(config.optimizer, lambda p: decay_mask(names(p), config.optimizer.no_decay))
-    rows = config.data.global_batch_size
-    batch_shapes = {"wav": jax.ShapeDtypeStruct((rows, config.data.segment_samples), jnp.float32),
-                    "length": jax.ShapeDtypeStruct((rows,), jnp.int32)}
-
-    def init() -> tuple:
-        zeros = {k: jnp.zeros(s.shape, s.dtype) for k, s in batch_shapes.items()}
-        return init_train_state(task, optimizer, config.seed, zeros)
-
-    abstract_state, abstract_frozen = jax.eval_shape(init)
-    state_sh = shard_lib.state_shardings(abstract_state, mesh, config.sharding)
-    frozen_sh = shard_lib.tree_shardings(abstract_frozen, mesh, config.sharding.frozen,
-                                         config.sharding.min_shard_size)
-    batch_sh = {k: shard_lib.batch_sharding(mesh) for k in batch_shapes}
-    replicated = NamedSharding(mesh, PartitionSpec())
+    setup = build_train_step(config, mesh, schedule)
+    task, optimizer, init, abstract_state = setup.task, setup.optimizer, setup.init, setup.abstract_state
+    state_sh, frozen_sh, batch_sh = setup.state_sh, setup.frozen_sh, setup.batch_sh
 
     checkpointer = Checkpointer(workdir / "checkpoints", config.checkpoint)
     resume = args.resume and checkpointer.latest_step() is not None
@@ -198,17 +195,15 @@ def main(argv: list[str] | None = None) -> None:
         log.warning("the target step %d is already reached (the run is at step %d): nothing to train",
                     total_steps, start)
     # The data position is the step (one global batch per update), so any process count resumes any other's.
-    train_iter = iter(data_lib.make_loader(config.data.train, config.data, config.seed,
-                                           rows=shard_lib.process_rows(mesh, rows), first_batch=start))
+    rows = shard_lib.process_rows(mesh, config.data.global_batch_size)
+    train_iter = iter(data_lib.make_loader(config.data.train, config.data, config.seed, rows=rows, first_batch=start))
 
     if primary:
         report = {name: shard_lib.describe(tree) for name, tree in
                   (("trainable", state.trainable), ("extra", state.extra), ("frozen", frozen))}
         (workdir / "sharding.json").write_text(json.dumps(report, indent=1))
 
-    train_step = jax.jit(make_train_step(task, optimizer, schedule, config),
-                         in_shardings=(state_sh, frozen_sh, batch_sh), out_shardings=(state_sh, replicated),
-                         donate_argnums=(0,))
+    train_step = setup.train_step
     seconds_per_step = config.data.global_batch_size * config.data.segment_seconds
     logger = TrainLogger(workdir, config.logging.tensorboard, audio_seconds_per_step=seconds_per_step,
                          resume_step=start if args.resume else None)
