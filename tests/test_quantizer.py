@@ -164,9 +164,9 @@ def test_invalid_block_config():
         BlockConfig(dim=32, dim_heads=16)
 
 
-@pytest.mark.parametrize("dim_heads", [32, 64, 96, 128, 192, 256, 512])
-def test_rope_buffer_check_tells_another_libm_from_another_architecture(dim_heads):
-    block = BlockConfig(dim=2 * dim_heads, dim_heads=dim_heads)  # rotary dims 16 (its floor is 32) .. 256
+@pytest.mark.parametrize("rotary_dim", [16, 32, 48, 64, 96, 128, 256])
+def test_rope_buffer_check_tells_another_libm_from_another_architecture(rotary_dim):
+    block = BlockConfig(dim=4 * rotary_dim, dim_heads=2 * rotary_dim, rope_dim=rotary_dim)
     good = rope_inv_freq(block)
     assert good.shape == (block.rotary_dim // 2,) and good[0] == 1.0
     key = "encoder_transformers.0.rope.inv_freq"
