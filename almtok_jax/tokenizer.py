@@ -267,6 +267,12 @@ class ALMTokenizer2:
             base = self.config.sampler
         if guidance is not None and not math.isfinite(guidance):
             raise ValueError(f"guidance {guidance}: the guidance scale must be a finite number")
+        if base.guidance == "baked" and guidance not in (None, base.guidance_scale):
+            raise ValueError(f"guidance {guidance}: this model's flow decoder has guidance scale "
+                             f"{base.guidance_scale} baked in (a distilled student); it cannot sample at another")
+        if solver == "shortcut" and not self.config.dit.step_embedding:
+            raise ValueError("solver 'shortcut' needs a distilled few-step flow decoder (dit.step_embedding); "
+                             "this model's decoder is not one")
         overrides = {k: v for k, v in (("num_steps", steps), ("guidance_scale", guidance), ("solver", solver))
                      if v is not None}
         return replace(base, **overrides)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -61,3 +63,14 @@ def test_infer_solver_and_steps_flags(tiny_checkpoint, tok, tmp_path, capsys):
     assert (tmp_path / "o" / "a.wav").is_file()
     assert infer.main([*argv, "--solver", "heun", "--compat", "release"]) == 2
     assert "release mode" in capsys.readouterr().err
+
+
+def test_student_sampler_options_are_checked(tok):
+    """A baked-guidance student cannot sample at another scale, and only a student takes the shortcut solver."""
+    with pytest.raises(ValueError, match="solver 'shortcut' needs a distilled few-step flow decoder"):
+        tok.sampler_config(solver="shortcut")
+    sampler = replace(tok.config.sampler, guidance="baked")
+    student = ALMTokenizer2(tok.variables, replace(tok.config, sampler=sampler), tok.compat)
+    assert student.sampler_config(guidance=sampler.guidance_scale).sampling_scale == 1.0
+    with pytest.raises(ValueError, match=r"guidance 2.5: this model's flow decoder has guidance scale .* baked in"):
+        student.sampler_config(guidance=2.5)

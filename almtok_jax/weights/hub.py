@@ -153,7 +153,8 @@ def _remove_ours(entry: Path) -> None:
     if entry.exists():
         aside = entry.with_name(f"{entry.name}.damaged-{os.getpid()}")
         entry.rename(aside)  # a reader of the old entry fails on its own; no one finds a half-removed one
-    ours = re.compile(rf"{re.escape(entry.name)}\.(tmp|damaged)-\d+(\.tmp)?")
+    # this cache's temporary and damaged folders, and save_model_dir's temporary folder of one of them
+    ours = re.compile(rf"\.?{re.escape(entry.name)}\.(tmp|damaged)-\d+(\.almtok-tmp-[0-9a-f]{{16}})?")
     for leftover in entry.parent.iterdir():
         if leftover.is_dir() and ours.fullmatch(leftover.name):
             shutil.rmtree(leftover)
@@ -182,8 +183,7 @@ def ensure_entry(entry: Path, build: Callable[[Path], object], describe: str, re
                                                    indent=1) + "\n")
             tmp.rename(entry)
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.rmtree(tmp.with_name(tmp.name + ".tmp"), ignore_errors=True)  # save_model_dir's own
+            shutil.rmtree(tmp, ignore_errors=True)  # save_model_dir removes its own temporary folder
             raise
     return entry
 
